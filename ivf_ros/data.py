@@ -1,0 +1,99 @@
+"""Image pairs on disk: matching by file stem, reading IR / visible images, YOLO box labels, the MSRS split."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class PairingError(ValueError):
+    """IR and visible folders do not pair up."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    stem: str
+    ir: Path
+    vis: Path
+
+
+def data_root() -> Path:
+    """``$IVF_DATA`` or ``../shared/data`` beside the repository."""
+    env = os.environ.get("IVF_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def list_images(folder: str | Path) -> dict[str, Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PairingError(f"{folder}: no such folder")
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def find_pairs(ir_dir: str | Path, vis_dir: str | Path, allow_unmatched: bool = False) -> list[Pair]:
+    """Pairs of images with the same stem, sorted by stem. Unmatched files are an error unless allowed."""
+    ir, vis = list_images(ir_dir), list_images(vis_dir)
+    common = sorted(set(ir) & set(vis))
+    only_ir, only_vis = sorted(set(ir) - set(vis)), sorted(set(vis) - set(ir))
+    if not common:
+        raise PairingError(f"no image stems in common between {ir_dir} ({len(ir)} images) and {vis_dir} ({len(vis)})")
+    if (only_ir or only_vis) and not allow_unmatched:
+        parts = []
+        if only_ir:
+            parts.append(f"{len(only_ir)} IR image(s) without a visible partner, e.g. {only_ir[0]}")
+        if only_vis:
+            parts.append(f"{len(only_vis)} visible image(s) without an IR partner, e.g. {only_vis[0]}")
+        raise PairingError("; ".join(parts))
+    return [Pair(s, ir[s], vis[s]) for s in common]
+
+
+def read_ir(path: str | Path) -> np.ndarray:
+    """IR image as stored (uint8 or uint16); 3-channel files are reduced to gray."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError(f"{path}: cannot read image")
+    if img.ndim == 3:
+        img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
+    return img
+
+
+def read_vis(path: str | Path) -> np.ndarray:
+    """Visible image as BGR uint8, or gray uint8 when the file is single-channel."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError(f"{path}: cannot read image")
+    if img.dtype != np.uint8:
+        img = (img / 257.0).astype(np.uint8)
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[..., :3]
+    return img
+
+
+def read_yolo_boxes(path: str | Path, width: int, height: int) -> list[tuple[int, float, float, float, float]]:
+    """YOLO ``class cx cy w h`` (normalised) -> [(class, x0, y0, x1, y1)] in pixels. Missing file: no boxes."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    boxes = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 5:
+            continue
+        c, cx, cy, w, h = int(float(parts[0])), *map(float, parts[1:5])
+        boxes.append((c, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height))
+    return boxes
+
+
+def msrs_split(stems: list[str]) -> tuple[list[str], list[str]]:
+    """(train, val): validation is every 4th name in sorted order, training the rest."""
+    stems = sorted(stems)
+    val = stems[::4]
+    val_set = set(val)
+    return [s for s in stems if s not in val_set], val

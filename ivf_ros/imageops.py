@@ -1,0 +1,114 @@
+"""Image conventions shared by every path: IR normalisation, luminance/chroma split, label colouring.
+
+Colour images are BGR uint8 (OpenCV and ROS ``bgr8`` order). Luminance uses Y = 0.299 R + 0.587 G + 0.114 B.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+_FULL_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+@dataclass
+class IRNormalizer:
+    """Map raw IR (uint8, uint16 or float) to float32 in [0, 1].
+
+    ``mode="fixed"`` maps ``[low, high]`` (raw units) linearly; ``mode="percentile"`` maps the ``low``-th and
+    ``high``-th percentiles of each frame, smoothed over time with factor ``smoothing`` (0 = no memory, 0.9 = slow)
+    so a cold scene does not flicker; ``mode="auto"`` is full scale for uint8 and percentile otherwise.
+    """
+
+    mode: str = "auto"
+    low: float = 1.0
+    high: float = 99.0
+    smoothing: float = 0.8
+    _range: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("auto", "fixed", "percentile"):
+            raise ValueError(f"IR normalisation mode must be auto, fixed or percentile, not {self.mode!r}")
+        if not self.low < self.high:
+            raise ValueError(f"IR normalisation needs low < high (got {self.low}, {self.high})")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"IR normalisation smoothing must be in [0, 1) (got {self.smoothing})")
+        if self.mode == "percentile" and not (0.0 <= self.low and self.high <= 100.0):
+            raise ValueError("percentiles must lie in [0, 100]")
+
+    def reset(self) -> None:
+        self._range = None
+
+    def __call__(self, ir: np.ndarray) -> np.ndarray:
+        if ir.ndim == 3:  # false-colour or 3-channel gray cameras
+            ir = cv2.cvtColor(ir, cv2.COLOR_BGR2GRAY) if ir.shape[2] == 3 else ir[..., 0]
+        mode = self.mode
+        if mode == "auto":
+            mode = "fixed" if ir.dtype == np.uint8 else "percentile"
+            if mode == "fixed":
+                return ir.astype(np.float32) * (1.0 / 255.0)
+        x = ir.astype(np.float32)
+        if mode == "fixed":
+            lo, hi = self.low, self.high
+        else:
+            finite = x[np.isfinite(x)] if x.dtype.kind == "f" else x
+            if finite.size == 0:
+                raise ValueError("IR image has no finite values")
+            sample = finite.ravel()[:: max(1, finite.size // 20000)]
+            lo, hi = (float(v) for v in np.percentile(sample, (self.low, self.high)))
+            if self._range is not None:
+                a = self.smoothing
+                lo, hi = a * self._range[0] + (1 - a) * lo, a * self._range[1] + (1 - a) * hi
+            self._range = (lo, hi)
+        scale = 1.0 / max(hi - lo, 1e-6)
+        out = (x - lo) * scale
+        return np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0, out=out)
+
+
+def to_luminance(img: np.ndarray) -> np.ndarray:
+    """Float32 luminance in [0, 1] of a gray (H x W) or BGR (H x W x 3/4) uint8 image."""
+    if img.ndim == 3:
+        img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY) if img.shape[2] >= 3 else img[..., 0]
+    return img.astype(np.float32) * (1.0 / 255.0)
+
+
+def split_luminance(vis: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Split a visible image into float luminance in [0, 1] and its chroma (None for gray inputs)."""
+    if vis.ndim == 2 or vis.shape[2] == 1:
+        return to_luminance(vis.reshape(vis.shape[:2])), None
+    ycrcb = cv2.cvtColor(vis[..., :3], cv2.COLOR_BGR2YCrCb)
+    return ycrcb[..., 0].astype(np.float32) * (1.0 / 255.0), ycrcb[..., 1:]
+
+
+def merge_luminance(y: np.ndarray, chroma: np.ndarray | None) -> np.ndarray:
+    """Inverse of ``split_luminance``: fused luminance + visible chroma -> BGR uint8 (or gray uint8)."""
+    y8 = np.clip(y * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if chroma is None:
+        return y8
+    return cv2.cvtColor(np.dstack([y8, chroma]), cv2.COLOR_YCrCb2BGR)
+
+
+def gray_u8(img: np.ndarray) -> np.ndarray:
+    """Gray uint8 view of an image for display (float images are taken as [0, 1])."""
+    if img.dtype != np.uint8:
+        img = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if img.ndim == 3:
+        img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
+    return img
+
+
+def colorize_labels(labels: np.ndarray, palette, image: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
+    """BGR colour mask of a class-id map (palette given as RGB triplets), blended over ``image`` when given.
+
+    Background (class 0) keeps the image's own pixels in the overlay.
+    """
+    lut = np.zeros((256, 3), np.uint8)
+    rgb = np.asarray(palette, np.uint8).reshape(-1, 3)
+    lut[: len(rgb)] = rgb[:, ::-1]
+    mask = lut[labels]
+    if image is None:
+        return mask
+    base = image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    blended = cv2.addWeighted(base[..., :3], 1.0 - alpha, mask, alpha, 0.0)
+    return np.where((labels > 0)[..., None], blended, base[..., :3])

@@ -1,0 +1,117 @@
+"""The student network the node runs: IR + visible luminance in, fused luminance and class logits out.
+
+The network looks at the pair at a quarter of its resolution and predicts, per low-resolution pixel, how to mix
+the two sources (a base/detail decomposition, as in decomposition-based fusion). The mixing coefficients are
+upsampled bilinearly and applied to the full-resolution images, so the output keeps every source pixel's detail,
+has exactly the input size, and costs only a few element-wise operations at full resolution.
+
+    fused = a_ir * base(ir) + a_vis * base(vis) + c + k_ir * detail(ir) + k_vis * detail(vis)
+
+where base() is a smooth low-pass image and detail() = image - base(). The segmentation head shares the encoder
+and decoder features and predicts class logits at a quarter of the resolution, upsampled to the input size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+ARCHITECTURE = "ivf_coeffnet"
+
+# Offsets that make a freshly initialised network an average fusion with full detail from both sources.
+_COEFF_OFFSET = (0.5, 0.5, 0.0, 1.0, 1.0)
+
+
+def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def base_layer(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """A smooth low-pass version of ``x`` (area downsample, bilinear upsample), same size as ``x``."""
+    h, w = x.shape[-2:]
+    small = F.adaptive_avg_pool2d(x, (max(1, h // factor), max(1, w // factor)))
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+
+class FusionStudent(nn.Module):
+    """Fast fusion + segmentation network; see the module docstring for the fusion rule."""
+
+    architecture = ARCHITECTURE
+
+    def __init__(self, num_classes: int = 4, width: int = 16):
+        super().__init__()
+        w = width
+        self.num_classes = num_classes
+        self.width = width
+        self.stem = _block(2, w, stride=2)  # 1/2
+        self.enc4 = nn.Sequential(_block(w, 2 * w, stride=2), _block(2 * w, 2 * w))  # 1/4
+        self.enc8 = nn.Sequential(_block(2 * w, 4 * w, stride=2), _block(4 * w, 4 * w))  # 1/8
+        self.enc16 = nn.Sequential(_block(4 * w, 4 * w, stride=2), _block(4 * w, 4 * w))  # 1/16, context
+        self.dec8 = _block(8 * w, 4 * w)
+        self.dec4 = _block(6 * w, 2 * w)
+        self.coeff_head = nn.Conv2d(2 * w, len(_COEFF_OFFSET), 3, padding=1)
+        self.seg_head = nn.Sequential(_block(2 * w, 2 * w), nn.Conv2d(2 * w, num_classes, 1))
+        nn.init.zeros_(self.coeff_head.weight)
+        nn.init.zeros_(self.coeff_head.bias)
+        self.register_buffer("coeff_offset", torch.tensor(_COEFF_OFFSET).view(1, -1, 1, 1), persistent=False)
+
+    def fold_batchnorm(self) -> "FusionStudent":
+        """Fold every BatchNorm into its convolution (inference only; weights change names)."""
+        for block in self.modules():
+            if isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], nn.BatchNorm2d):
+                block[0] = fuse_conv_bn_eval(block[0].eval(), block[1].eval())
+                block[1] = nn.Identity()
+        return self
+
+    def hyper_parameters(self) -> dict:
+        return {"num_classes": self.num_classes, "width": self.width}
+
+    def features(self, ir: torch.Tensor, vis_y: torch.Tensor) -> torch.Tensor:
+        """Decoder features at 1/4 resolution (shared by both heads; the distillation target)."""
+        x = torch.cat([ir, vis_y], dim=1)
+        f2 = self.stem(x)
+        f4 = self.enc4(f2)
+        f8 = self.enc8(f4)
+        f16 = self.enc16(f8)
+        up = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
+        d8 = self.dec8(torch.cat([up, f8], dim=1))
+        up = F.interpolate(d8, size=f4.shape[-2:], mode="bilinear", align_corners=False)
+        return self.dec4(torch.cat([up, f4], dim=1))
+
+    def fuse_with(self, feats: torch.Tensor, ir: torch.Tensor, vis_y: torch.Tensor) -> torch.Tensor:
+        """Apply the coefficient head to full-resolution sources; returns fused luminance in [0, 1]."""
+        size = ir.shape[-2:]
+        coeff = self.coeff_head(feats) + self.coeff_offset
+        coeff = F.interpolate(coeff, size=size, mode="bilinear", align_corners=False)
+        a_ir, a_vis, c, k_ir, k_vis = coeff.unbind(dim=1)
+        base = base_layer(torch.cat([ir, vis_y], dim=1))
+        b_ir, b_vis = base.unbind(dim=1)
+        d_ir, d_vis = ir[:, 0] - b_ir, vis_y[:, 0] - b_vis
+        fused = a_ir * b_ir + a_vis * b_vis + c + k_ir * d_ir + k_vis * d_vis
+        return fused.unsqueeze(1).clamp(0.0, 1.0)
+
+    def segment_with(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Class logits upsampled to ``size``."""
+        return F.interpolate(self.seg_head(feats), size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, ir: torch.Tensor, vis_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ir`` and ``vis_y``: N x 1 x H x W in [0, 1]. Returns (fused N x 1 x H x W, logits N x C x H x W)."""
+        feats = self.features(ir, vis_y)
+        return self.fuse_with(feats, ir, vis_y), self.segment_with(feats, ir.shape[-2:])
+
+
+ARCHITECTURES = {ARCHITECTURE: FusionStudent}
+
+
+def build_model(architecture: str, hyper_parameters: dict) -> nn.Module:
+    """Instantiate a registered architecture; raises KeyError/TypeError on unknown names or arguments."""
+    return ARCHITECTURES[architecture](**hyper_parameters)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

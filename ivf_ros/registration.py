@@ -1,0 +1,115 @@
+"""Map the IR image into the visible camera's frame: one function used by every path (CLI, bags, node).
+
+A registration is a 3x3 homography from IR pixel coordinates to visible pixel coordinates, recorded together with
+the image sizes it was estimated for. Applied to frames of other sizes it is rescaled accordingly, so a mapping
+calibrated at full resolution also serves binned or resized streams. With no homography, IR is resized to the
+visible size (the cameras are assumed to share a field of view).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+
+class RegistrationError(ValueError):
+    """A homography file or value is unusable."""
+
+
+@dataclass
+class Registration:
+    matrix: np.ndarray = field(default_factory=lambda: np.eye(3))
+    ir_size: tuple[int, int] | None = None  # (width, height) the matrix was estimated for
+    vis_size: tuple[int, int] | None = None
+    method: str = "identity"
+    residual_px: float | None = None
+
+    def __post_init__(self):
+        m = np.asarray(self.matrix, dtype=np.float64)
+        if m.shape != (3, 3) or not np.all(np.isfinite(m)):
+            raise RegistrationError(f"homography must be a finite 3x3 matrix, got shape {m.shape}")
+        if abs(np.linalg.det(m)) < 1e-12:
+            raise RegistrationError("homography is singular")
+        self.matrix = m / m[2, 2] if abs(m[2, 2]) > 1e-12 else m
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(np.allclose(self.matrix, np.eye(3)))
+
+    def matrix_for(self, ir_shape: tuple[int, int], vis_shape: tuple[int, int]) -> np.ndarray:
+        """The homography for IR frames of ``ir_shape`` (h, w) into visible frames of ``vis_shape`` (h, w)."""
+        ir_wh = self.ir_size or (ir_shape[1], ir_shape[0])
+        vis_wh = self.vis_size or (vis_shape[1], vis_shape[0])
+        s_ir = np.diag([ir_wh[0] / ir_shape[1], ir_wh[1] / ir_shape[0], 1.0])  # actual IR px -> calibrated IR px
+        s_vis = np.diag([vis_shape[1] / vis_wh[0], vis_shape[0] / vis_wh[1], 1.0])
+        return s_vis @ self.matrix @ s_ir
+
+    def apply(self, ir: np.ndarray, vis_shape: tuple[int, int]) -> np.ndarray:
+        """Warp (or resize) ``ir`` into the visible frame of size ``vis_shape`` (h, w)."""
+        h, w = vis_shape[:2]
+        if self.is_identity and self.ir_size is None and self.vis_size is None:
+            if ir.shape[:2] == (h, w):
+                return ir
+            return cv2.resize(ir, (w, h), interpolation=cv2.INTER_LINEAR)
+        m = self.matrix_for(ir.shape[:2], (h, w))
+        return cv2.warpPerspective(ir, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+
+    def to_dict(self) -> dict:
+        out = {"homography": self.matrix.tolist(), "method": self.method}
+        if self.ir_size:
+            out["ir_size"] = list(self.ir_size)
+        if self.vis_size:
+            out["vis_size"] = list(self.vis_size)
+        if self.residual_px is not None:
+            out["residual_px"] = float(self.residual_px)
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text("# IR -> visible registration (ivf_ros). homography maps IR pixels to visible pixels.\n"
+                        + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "homography") -> "Registration":
+        if not isinstance(d, dict) or "homography" not in d:
+            raise RegistrationError(f"{source}: no 'homography' key")
+        try:
+            m = np.asarray(d["homography"], dtype=np.float64).reshape(3, 3)
+        except (TypeError, ValueError):
+            raise RegistrationError(f"{source}: 'homography' is not a 3x3 list of numbers") from None
+
+        def size(key):
+            v = d.get(key)
+            if v is None:
+                return None
+            if len(v) != 2 or min(v) <= 0:
+                raise RegistrationError(f"{source}: '{key}' must be [width, height]")
+            return int(v[0]), int(v[1])
+
+        try:
+            return cls(m, size("ir_size"), size("vis_size"), str(d.get("method", "file")), d.get("residual_px"))
+        except RegistrationError as exc:
+            raise RegistrationError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Registration":
+        path = Path(path)
+        if not path.is_file():
+            raise RegistrationError(f"{path}: no such homography file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RegistrationError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:120]})") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_flat(cls, values) -> "Registration":
+        """From 9 row-major numbers (the node's ``homography`` parameter)."""
+        values = list(values)
+        if len(values) != 9:
+            raise RegistrationError(f"homography needs 9 numbers (row-major 3x3), got {len(values)}")
+        return cls(np.asarray(values, dtype=np.float64).reshape(3, 3), method="parameter")
