@@ -25,6 +25,7 @@ setup(
     entry_points={
         "console_scripts": [
             "ivf = ivf_ros.cli:main",
+            "fusion_node = ivf_ros.node:main",
         ],
     },
 )

@@ -11,6 +11,12 @@ TOOLS = {
     "eval": ("evaluate", "fusion metrics and segmentation scores on folders of pairs"),
     "demo": ("demo", "run the whole system on generated (or your) data and write a report"),
     "info": ("info", "print a checkpoint's metadata"),
+    "calibrate": ("calibrate", "estimate the IR->visible homography YAML (point pairs or automatic)"),
+    "calibrate-eval": ("registration_eval", "evaluate automatic registration on the shared data"),
+    "bench": ("bench", "time the pipeline, the network and the SAGE student per backend and size"),
+    "export": ("export", "export the network to ONNX (and check it against torch)"),
+    "bench-node": ("node_bench", "benchmark fusion_node over DDS: rates, drops, latency, memory"),
+    "bag": ("bag", "write, evaluate and replay rosbag2 bags of IR/visible images"),
 }
 
 

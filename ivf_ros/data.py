@@ -92,8 +92,8 @@ def read_yolo_boxes(path: str | Path, width: int, height: int) -> list[tuple[int
 
 
 def msrs_split(stems: list[str]) -> tuple[list[str], list[str]]:
-    """(train, val): validation is every 4th name in sorted order, training the rest."""
+    """(train, val): validation is every 4th name in sorted order (the 4th, 8th, ...), training the rest."""
     stems = sorted(stems)
-    val = stems[::4]
+    val = stems[3::4]
     val_set = set(val)
     return [s for s in stems if s not in val_set], val

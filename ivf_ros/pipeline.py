@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backends import make_backend
 from .checkpoint import load_checkpoint
 from .imageops import IRNormalizer, colorize_labels, merge_luminance, split_luminance
 from .registration import Registration
@@ -53,29 +54,25 @@ class FusionPipeline:
         half: bool = False,
         ir_normalizer: IRNormalizer | None = None,
         registration: Registration | None = None,
+        backend: str = "torch",
+        onnx_path: str | Path | None = None,
+        cuda_graphs: bool = False,
     ):
+        """``backend``: torch, compile, onnxruntime or tensorrt (see ``ivf_ros.backends``); ``onnx_path``: an
+        ``ivf export`` file for the ONNX backends (default: export the checkpoint per input size in memory)."""
         self.device = resolve_device(device)
         self.half = bool(half) and self.device.type == "cuda"
         model, self.metadata = load_checkpoint(checkpoint, self.device)
-        self.model = model.fold_batchnorm().to(memory_format=torch.channels_last)
-        if self.half:
-            self.model.half()
-        self.dtype = torch.float16 if self.half else torch.float32
+        self.backend = make_backend(backend, model, self.device, self.half, onnx_path, cuda_graphs)
+        self.model = model  # the checkpoint's network (BatchNorm folded in place by the torch backends)
         self.classes: list[str] = list(self.metadata["classes"])
         self.palette: list[list[int]] = [list(c) for c in self.metadata["palette"]]
         self.ir_normalizer = ir_normalizer or IRNormalizer()
         self.registration = registration or Registration()
 
-    def _tensor(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(a))[None, None]
-        return t.to(self.device, dtype=self.dtype, non_blocking=True, memory_format=torch.channels_last)
-
-    @torch.inference_mode()
     def infer(self, ir01: np.ndarray, vis_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Network only: registered IR and visible luminance in [0, 1] -> (fused luminance, class ids)."""
-        fused, logits = self.model(self._tensor(ir01), self._tensor(vis_y))
-        labels = logits[0].permute(1, 2, 0).argmax(-1).to(torch.uint8)  # channel-last argmax: ~10x faster on CPU
-        return fused[0, 0].float().cpu().numpy(), labels.cpu().numpy()
+        return self.backend(ir01, vis_y)
 
     def __call__(self, ir: np.ndarray, vis: np.ndarray) -> FusionResult:
         if ir.size == 0 or vis.size == 0:

@@ -26,6 +26,7 @@ class Registration:
     vis_size: tuple[int, int] | None = None
     method: str = "identity"
     residual_px: float | None = None
+    confidence: float | None = None  # 0..1, from automatic calibration (None when unknown)
 
     def __post_init__(self):
         m = np.asarray(self.matrix, dtype=np.float64)
@@ -65,7 +66,15 @@ class Registration:
             out["vis_size"] = list(self.vis_size)
         if self.residual_px is not None:
             out["residual_px"] = float(self.residual_px)
+        if self.confidence is not None:
+            out["confidence"] = float(self.confidence)
         return out
+
+    def transform_points(self, pts, ir_shape: tuple[int, int], vis_shape: tuple[int, int]) -> np.ndarray:
+        """Map (N, 2) IR pixel coordinates (x, y) of frames ``ir_shape`` into frames ``vis_shape`` (h, w)."""
+        p = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+        q = np.hstack([p, np.ones((len(p), 1))]) @ self.matrix_for(ir_shape, vis_shape).T
+        return q[:, :2] / q[:, 2:3]
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -90,8 +99,18 @@ class Registration:
                 raise RegistrationError(f"{source}: '{key}' must be [width, height]")
             return int(v[0]), int(v[1])
 
+        def number(key):
+            v = d.get(key)
+            if v is None:
+                return None
+            try:
+                return float(v)
+            except (TypeError, ValueError):
+                raise RegistrationError(f"{source}: '{key}' must be a number") from None
+
         try:
-            return cls(m, size("ir_size"), size("vis_size"), str(d.get("method", "file")), d.get("residual_px"))
+            return cls(m, size("ir_size"), size("vis_size"), str(d.get("method", "file")), number("residual_px"),
+                       number("confidence"))
         except RegistrationError as exc:
             raise RegistrationError(f"{source}: {exc}") from None
 

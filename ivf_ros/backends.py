@@ -1,0 +1,299 @@
+"""Network-only runners: one small interface over torch eager, torch.compile, ONNX Runtime and TensorRT.
+
+A backend is called as ``backend(ir01, vis_y)`` with two H x W float32 images in [0, 1] (registered IR, visible
+luminance) and returns ``(fused_y, labels)``: H x W float32 fused luminance and H x W uint8 class ids (``None``
+for networks without a segmentation head, such as the SAGE reference). Any network whose forward takes
+``(ir, vis_y)`` as N x 1 x H x W tensors and returns ``fused`` or ``(fused, logits)`` can be run.
+
+- ``torch``: BatchNorm folded, channels-last, inference mode; on CUDA optional half precision, pinned host
+  buffers, non-blocking copies, device buffers preallocated per input size and optional CUDA graphs.
+- ``compile``: the same module through ``torch.compile`` (Inductor, frozen weights), compiled once per size.
+- ``onnxruntime``: an exported ONNX graph (a file from ``ivf export`` or exported in memory per input size) on
+  the CPU, or the CUDA execution provider when the device is CUDA.
+- ``tensorrt``: ONNX Runtime's TensorRT execution provider; engines are cached on disk under a directory keyed
+  by GPU name, TensorRT version and input size, so each is built once.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
+INPUT_NAMES = ("ir", "vis_y")
+POOL_FACTOR = 4  # model.base_layer's default: the only adaptive pooling in the exported networks
+DEFAULT_ENGINE_CACHE = Path(os.environ.get("IVF_ENGINE_CACHE", Path.home() / ".cache" / "ivf_ros" / "tensorrt"))
+
+
+class _WithLabels(nn.Module):
+    """Wraps a network to return ``(fused,)`` or ``(fused, labels)``: uint8 class ids instead of logits.
+
+    The argmax is taken channel-last in torch (~10x faster on the CPU for channels-last logits) and over the
+    channel axis in exported graphs (inside the graph: measured faster than NumPy on the logits, and 16x less
+    data to hand back).
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, ir: torch.Tensor, vis_y: torch.Tensor):
+        out = self.net(ir, vis_y)
+        if isinstance(out, torch.Tensor):
+            return (out.float(),)
+        fused, logits = out
+        if torch.onnx.is_in_onnx_export():
+            labels = logits.argmax(1)
+        else:
+            labels = logits.permute(0, 2, 3, 1).argmax(-1)
+        return fused.float(), labels.to(torch.uint8)
+
+
+def prepare_module(model: nn.Module) -> nn.Module:
+    """Inference form of a network: eval mode, BatchNorm folded into convolutions when the network offers it."""
+    model = model.eval()
+    if hasattr(model, "fold_batchnorm"):
+        model = model.fold_batchnorm()
+    return model
+
+
+class TorchBackend:
+    """Runs a torch module eagerly (or through ``torch.compile``) on the CPU or a CUDA device."""
+
+    def __init__(self, model: nn.Module, device: torch.device, half: bool = False, compile: bool = False,
+                 cuda_graphs: bool = False):
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.half = bool(half) and cuda
+        self.dtype = torch.float16 if self.half else torch.float32
+        self.name = "compile" if compile else "torch"
+        self.cuda_graphs = bool(cuda_graphs) and cuda and not compile
+        model = prepare_module(model).to(self.device, memory_format=torch.channels_last)
+        self.model = model.half() if self.half else model
+        self.net = _WithLabels(self.model).eval()
+        if compile:
+            mode = "reduce-overhead" if cuda and cuda_graphs else None
+            self.net = torch.compile(self.net, dynamic=False, mode=mode, options=None if mode else {"freezing": True})
+        self._buffers: dict[tuple[int, int], dict] = {}
+
+    def _buffers_for(self, h: int, w: int) -> dict:
+        """Host and device buffers for one input size (and its CUDA graph), made on first use."""
+        key = (h, w)
+        if key not in self._buffers:
+            buf = {"host_in": torch.empty((2, 1, 1, h, w), pin_memory=True)}
+            buf["dev_in"] = torch.empty((2, 1, 1, h, w), device=self.device, dtype=self.dtype)
+            buf["host_fused"] = torch.empty((h, w), pin_memory=True)
+            buf["host_labels"] = torch.empty((h, w), dtype=torch.uint8, pin_memory=True)
+            if self.cuda_graphs:
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    for _ in range(3):  # warm up kernels and allocator outside the capture
+                        self.net(buf["dev_in"][0], buf["dev_in"][1])
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    buf["dev_out"] = self.net(buf["dev_in"][0], buf["dev_in"][1])
+                buf["graph"] = graph
+            self._buffers[key] = buf
+        return self._buffers[key]
+
+    @torch.inference_mode()
+    def __call__(self, ir01: np.ndarray, vis_y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        ir01 = np.ascontiguousarray(ir01, dtype=np.float32)
+        vis_y = np.ascontiguousarray(vis_y, dtype=np.float32)
+        if self.device.type == "cpu":  # zero-copy views of the numpy inputs
+            outs = self.net(torch.from_numpy(ir01)[None, None], torch.from_numpy(vis_y)[None, None])
+            return outs[0][0, 0].numpy(), outs[1][0].numpy() if len(outs) > 1 else None
+        return self._run_cuda(ir01, vis_y)
+
+    def _run_cuda(self, ir01: np.ndarray, vis_y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        buf = self._buffers_for(*ir01.shape)
+        host_in = buf["host_in"].numpy()
+        host_in[0, 0, 0] = ir01
+        host_in[1, 0, 0] = vis_y
+        buf["dev_in"].copy_(buf["host_in"], non_blocking=True)
+        if "graph" in buf:
+            buf["graph"].replay()
+            outs = buf["dev_out"]
+        else:
+            outs = self.net(buf["dev_in"][0], buf["dev_in"][1])
+        buf["host_fused"].copy_(outs[0][0, 0], non_blocking=True)
+        if len(outs) > 1:
+            buf["host_labels"].copy_(outs[1][0], non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        fused = buf["host_fused"].numpy().copy()
+        return fused, buf["host_labels"].numpy().copy() if len(outs) > 1 else None
+
+
+def export_onnx(model: nn.Module, path: str | Path | io.BytesIO, height: int = 480, width: int = 640,
+                dynamic: bool = False, opset: int = 17) -> None:
+    """Export ``model`` (BatchNorm folded) to ONNX: inputs ``ir``, ``vis_y`` (1 x 1 x H x W float32), outputs
+    ``fused`` (1 x 1 x H x W float32) and, for networks with a segmentation head, ``labels`` (1 x H x W uint8).
+
+    ``dynamic`` leaves height and width free; such a graph is exact for sizes that are multiples of 4 (the
+    student's low-pass pooling becomes a fixed 4 x 4 average pool), which the ONNX backends check at run time.
+    """
+    if height < 16 or width < 16:
+        raise ValueError(f"export size must be at least 16x16, not {width}x{height}")
+    if dynamic and (height % 4 or width % 4):
+        raise ValueError(f"a dynamic export needs a size that is a multiple of 4, not {width}x{height}")
+    model = _WithLabels(prepare_module(copy.deepcopy(model)).cpu().float()).eval()
+    example = tuple(torch.rand(1, 1, height, width) for _ in INPUT_NAMES)
+    with torch.no_grad():
+        outputs = ["fused", "labels"][:len(model(*example))]
+    axes = {name: {2: "height", 3: "width"} for name in (*INPUT_NAMES, "fused")} if dynamic else None
+    if dynamic and "labels" in outputs:
+        axes["labels"] = {1: "height", 2: "width"}
+    _register_pooling_symbolic(opset)
+    with warnings.catch_warnings():  # the tracer's notes on Python-side shape arithmetic, and that this exporter
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # is the TorchScript one: the torch.export one
+        warnings.simplefilter("ignore", DeprecationWarning)  # needs onnxscript and cannot pool a dynamic size
+        torch.onnx.export(model, example, path, input_names=list(INPUT_NAMES), output_names=outputs,
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+
+
+def _register_pooling_symbolic(opset: int) -> None:
+    """Export the student's low-pass pooling (``adaptive_avg_pool2d`` to a quarter of the size, see
+    ``model.base_layer``; its traced output size is not a constant) as an exact AveragePool when the windows are
+    even, or as MatMuls with constant pooling matrices when they are not."""
+    from torch.onnx import register_custom_op_symbolic, symbolic_helper
+
+    def adaptive_avg_pool2d(g, x, output_size):
+        h, w = symbolic_helper._get_tensor_sizes(x)[-2:]
+        if h is None or w is None or (h % POOL_FACTOR == 0 and w % POOL_FACTOR == 0):
+            return g.op("AveragePool", x, kernel_shape_i=[POOL_FACTOR] * 2, strides_i=[POOL_FACTOR] * 2)
+        rows = _pooling_matrix(h, max(1, h // POOL_FACTOR)).T.contiguous()  # h x out_h
+        cols = _pooling_matrix(w, max(1, w // POOL_FACTOR)).T.contiguous()  # w x out_w
+        pooled_w = g.op("MatMul", x, g.op("Constant", value_t=cols))  # N x C x h x out_w
+        pooled_t = g.op("MatMul", g.op("Transpose", pooled_w, perm_i=[0, 1, 3, 2]), g.op("Constant", value_t=rows))
+        return g.op("Transpose", pooled_t, perm_i=[0, 1, 3, 2])
+
+    register_custom_op_symbolic("aten::adaptive_avg_pool2d", adaptive_avg_pool2d, opset)
+
+
+def _pooling_matrix(size: int, out: int) -> torch.Tensor:
+    """out x size matrix of adaptive average pooling along one axis (PyTorch's window rule)."""
+    m = torch.zeros(out, size)
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+class OnnxRuntimeBackend:
+    """Runs an ONNX graph with ONNX Runtime: a given file, or the model exported in memory once per input size."""
+
+    def __init__(self, model: nn.Module | None = None, onnx_path: str | Path | None = None,
+                 device: torch.device = torch.device("cpu"), tensorrt: bool = False, half: bool = False,
+                 engine_cache: str | Path = DEFAULT_ENGINE_CACHE):
+        import onnxruntime as ort
+
+        if model is None and onnx_path is None:
+            raise ValueError("the ONNX backend needs a model or an ONNX file")
+        self.ort = ort
+        self.device = torch.device(device)
+        self.name = "tensorrt" if tensorrt else "onnxruntime"
+        self.half = bool(half) and tensorrt
+        self.engine_cache = Path(engine_cache)
+        self.model = model
+        self.onnx_path = None if onnx_path is None else Path(onnx_path)
+        wanted = "TensorrtExecutionProvider" if tensorrt else (
+            "CUDAExecutionProvider" if self.device.type == "cuda" else "CPUExecutionProvider")
+        if wanted not in ort.get_available_providers():
+            raise ValueError(f"backend '{self.name}' needs ONNX Runtime's {wanted}, which this install lacks "
+                             f"(available: {', '.join(ort.get_available_providers())})")
+        self.provider = wanted
+        self._sessions: dict[tuple[int, int] | None, object] = {}
+        if self.onnx_path is not None:
+            if not self.onnx_path.is_file():
+                raise ValueError(f"{self.onnx_path}: no such ONNX file")
+            self._dims = self._session(None).get_inputs()[0].shape[-2:]
+
+    def _options(self):
+        so = self.ort.SessionOptions()
+        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = torch.get_num_threads()
+        so.inter_op_num_threads = 1
+        return so
+
+    def _providers(self, size: tuple[int, int] | None) -> list:
+        if self.provider == "TensorrtExecutionProvider":
+            options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(self._engine_dir(size)),
+                       "trt_fp16_enable": self.half, "device_id": self.device.index or 0}
+            return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+        if self.provider == "CUDAExecutionProvider":
+            return [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def _engine_dir(self, size: tuple[int, int] | None) -> Path:
+        """Engine cache directory for this GPU, TensorRT version and input size (``any`` for dynamic files)."""
+        try:
+            import tensorrt
+
+            trt_version = tensorrt.__version__
+        except ImportError:
+            trt_version = "unknown"
+        gpu = torch.cuda.get_device_name(self.device) if torch.cuda.is_available() else "nogpu"
+        shape = f"{size[1]}x{size[0]}" if size else "any"
+        key = "_".join("".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in part)
+                       for part in (gpu, f"trt{trt_version}", shape, "fp16" if self.half else "fp32"))
+        path = self.engine_cache / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _session(self, size: tuple[int, int] | None):
+        if size not in self._sessions:
+            if size is None:
+                source = str(self.onnx_path)
+            else:
+                data = io.BytesIO()
+                export_onnx(self.model, data, size[0], size[1])
+                source = data.getvalue()
+            self._sessions[size] = self.ort.InferenceSession(source, self._options(), providers=self._providers(size))
+        return self._sessions[size]
+
+    def _session_for(self, h: int, w: int):
+        if self.onnx_path is None:
+            return self._session((h, w))
+        fixed = [d if isinstance(d, int) else None for d in self._dims]
+        if fixed[0] is None and (h % 4 or w % 4):
+            raise ValueError(f"{self.onnx_path}: a dynamic ONNX graph is exact only for sizes that are multiples "
+                             f"of 4, not {w}x{h} (export this size with 'ivf export --size {w}x{h}')")
+        if fixed[0] is not None and (fixed[0], fixed[1]) != (h, w):
+            raise ValueError(f"{self.onnx_path}: exported for {fixed[1]}x{fixed[0]} inputs, got {w}x{h}")
+        return self._session(None)
+
+    def __call__(self, ir01: np.ndarray, vis_y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        ir01 = np.ascontiguousarray(ir01, dtype=np.float32)
+        vis_y = np.ascontiguousarray(vis_y, dtype=np.float32)
+        session = self._session_for(*ir01.shape)
+        outputs = session.run(None, {INPUT_NAMES[0]: ir01[None, None], INPUT_NAMES[1]: vis_y[None, None]})
+        return outputs[0][0, 0], outputs[1][0] if len(outputs) > 1 else None
+
+
+def make_backend(name: str, model: nn.Module | None, device: str | torch.device = "cpu", half: bool = False,
+                 onnx_path: str | Path | None = None, cuda_graphs: bool = False,
+                 engine_cache: str | Path = DEFAULT_ENGINE_CACHE):
+    """The backend called ``name`` (one of ``BACKENDS``) for ``model`` on ``device``.
+
+    ``onnx_path`` (ONNX backends only) runs that exported file instead of exporting ``model`` per input size;
+    ``engine_cache`` is where the TensorRT backend keeps its engines.
+    """
+    device = torch.device(device)
+    if name in ("torch", "compile"):
+        if model is None:
+            raise ValueError(f"backend '{name}' needs a model")
+        return TorchBackend(model, device, half=half, compile=name == "compile", cuda_graphs=cuda_graphs)
+    if name in ("onnxruntime", "tensorrt"):
+        if name == "tensorrt" and device.type != "cuda":
+            raise ValueError("backend 'tensorrt' needs a CUDA device")
+        return OnnxRuntimeBackend(model, onnx_path, device, tensorrt=name == "tensorrt", half=half,
+                                  engine_cache=engine_cache)
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not '{name}'")

@@ -1,0 +1,727 @@
+"""Estimate the IR -> visible mapping: from point correspondences, or automatically from frame pairs.
+
+Thermal and visible images do not share intensities (a warm wall can be bright in IR and dark in the visible, and
+the reverse), but they share *structure*: object outlines, horizons, poles, lane edges. The automatic method works
+on structure maps (locally contrast-normalised gradient magnitude, which ignores edge polarity) in three steps:
+
+1. coarse search: isotropic scale x translation. For each scale on a log grid the scaled IR structure map is
+   correlated with the visible one at every translation with a masked normalised cross-correlation (FFT), so
+   partially overlapping fields of view are handled. The best peak and its distinctiveness (how far it stands above
+   the other translations, in robust standard deviations) are kept.
+2. local matching: the IR is warped with the current estimate; on a grid of textured patches the displacement to
+   the visible structure map is found by normalised cross-correlation within a small radius (ambiguous or weak
+   matches are dropped), giving point correspondences.
+3. robust fit: RANSAC fits the requested model (homography or affine) to the correspondences of all frame pairs;
+   steps 2-3 repeat with a smaller radius at a finer resolution.
+
+The result carries its own confidence (inlier count and ratio, the coarse peak's distinctiveness, structure
+correlation after registration). When the images share too little structure, :class:`CalibrationError` says so
+instead of returning a guess.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .registration import Registration
+
+MODELS = ("homography", "affine")
+
+
+class CalibrationError(ValueError):
+    """The mapping cannot be estimated (too few points, too little shared structure, bad input)."""
+
+
+# ----------------------------------------------------------------------------------------------- image helpers
+
+def to_gray(img: np.ndarray) -> np.ndarray:
+    """Any IR / visible image -> float32 gray in [0, 1] (uint16 IR is stretched between its 0.5/99.5 percentiles)."""
+    if img.ndim == 3:
+        img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY) if img.shape[2] >= 3 else img[..., 0]
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    x = img.astype(np.float32)
+    sample = x[np.isfinite(x)].ravel()
+    if sample.size == 0:
+        raise CalibrationError("image has no finite values")
+    lo, hi = np.percentile(sample[:: max(1, sample.size // 50000)], (0.5, 99.5))
+    return np.clip((np.nan_to_num(x) - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def structure_map(gray: np.ndarray, sigma: float = 1.0, norm_sigma: float = 12.0, floor: float = 0.5) -> np.ndarray:
+    """Polarity-free structure: gradient magnitude divided by its local mean, compressed to [0, 1].
+
+    The local normalisation makes a weak thermal edge and a strong visible edge of the same outline comparable.
+    """
+    g = gray.astype(np.float32)
+    if sigma > 0:
+        g = cv2.GaussianBlur(g, (0, 0), sigma)
+    gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)
+    mag = cv2.magnitude(gx, gy)
+    local = cv2.GaussianBlur(mag, (0, 0), norm_sigma)
+    # the floor (relative to the frame's mean gradient) keeps flat, noisy regions (night skies, dark roads) low
+    s = mag / (local + floor * float(mag.mean()) + 1e-4)
+    return (s / (1.0 + s)).astype(np.float32)
+
+
+def structure_channels(gray: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """(h, w, 3) float32: structure ``s`` and the polarity-free orientation ``s*cos 2t``, ``s*sin 2t``."""
+    g = cv2.GaussianBlur(gray.astype(np.float32), (0, 0), sigma) if sigma > 0 else gray.astype(np.float32)
+    gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)
+    s = structure_map(gray, sigma)
+    mag2 = gx * gx + gy * gy + 1e-12
+    c2 = (gx * gx - gy * gy) / mag2  # cos 2t
+    s2 = 2 * gx * gy / mag2  # sin 2t
+    return np.dstack([s, s * c2, s * s2]).astype(np.float32)
+
+
+def content_mask(gray: np.ndarray) -> np.ndarray:
+    """False on padding: exactly-black regions touching the frame border (left by earlier warps or crops)."""
+    zero = (gray <= 0).astype(np.uint8)
+    if not zero.any():
+        return np.ones(gray.shape, bool)
+    n, lab = cv2.connectedComponents(zero, connectivity=4)
+    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    border = border[border > 0]
+    pad = np.isin(lab, border)
+    # a dark but real image region is not padding: only large, exactly-zero border regions count
+    if pad.sum() < 0.002 * gray.size:
+        return np.ones(gray.shape, bool)
+    return ~cv2.dilate(pad.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+
+
+def edge_map(gray: np.ndarray, fraction: float = 0.06, sigma: float = 1.5,
+             mask: np.ndarray | None = None) -> np.ndarray:
+    """Boolean Canny edges with thresholds set per image: the high threshold is the gradient magnitude exceeded by
+    ``fraction`` of the (masked) pixels, so dark and bright, thermal and visible frames give similar edge densities."""
+    u8 = np.clip(cv2.GaussianBlur(gray.astype(np.float32), (0, 0), sigma) * 255.0, 0, 255).astype(np.uint8)
+    gx = cv2.Sobel(u8, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(u8, cv2.CV_32F, 0, 1, ksize=3)
+    mag = cv2.magnitude(gx, gy)
+    vals = mag[mask] if mask is not None else mag.ravel()
+    if vals.size == 0:
+        return np.zeros(gray.shape, bool)
+    high = max(float(np.quantile(vals, 1.0 - fraction)), 8.0)
+    e = cv2.Canny(u8, 0.4 * high, high, L2gradient=True) > 0
+    if mask is not None:
+        e &= mask
+    return e
+
+
+def _resize(img: np.ndarray, scale: float) -> np.ndarray:
+    h, w = img.shape[:2]
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(img, size, interpolation=interp)
+
+
+def _diag(sx: float, sy: float | None = None) -> np.ndarray:
+    return np.diag([sx, sx if sy is None else sy, 1.0])
+
+
+def _warp(img: np.ndarray, H: np.ndarray, size_wh: tuple[int, int], interp=cv2.INTER_LINEAR) -> np.ndarray:
+    return cv2.warpPerspective(img, H, size_wh, flags=interp, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _valid_mask(src_shape, H, size_wh, erode: int = 2) -> np.ndarray:
+    m = _warp(np.ones(src_shape[:2], np.uint8), H, size_wh, cv2.INTER_NEAREST)
+    if erode:
+        m = cv2.erode(m, np.ones((2 * erode + 1, 2 * erode + 1), np.uint8))
+    return m.astype(bool)
+
+
+# ----------------------------------------------------------------------------------------------- point fitting
+
+def fit_points(ir_pts, vis_pts, model: str = "homography", ransac_px: float | None = 3.0):
+    """Fit ``model`` to IR -> visible point pairs. Returns (3x3 matrix, inlier mask, RMS residual of inliers).
+
+    With ``ransac_px`` and enough points (>= 2x the minimum) outliers are rejected first; the final matrix is
+    a least-squares fit (refined by Levenberg-Marquardt) on the inliers, so exact correspondences are recovered
+    exactly.
+    """
+    if model not in MODELS:
+        raise CalibrationError(f"model must be one of {', '.join(MODELS)}, not {model!r}")
+    src = np.asarray(ir_pts, np.float64).reshape(-1, 2)
+    dst = np.asarray(vis_pts, np.float64).reshape(-1, 2)
+    if src.shape != dst.shape:
+        raise CalibrationError("IR and visible point lists differ in length")
+    need = 4 if model == "homography" else 3
+    if len(src) < need:
+        raise CalibrationError(f"a {model} needs at least {need} point pairs, got {len(src)}")
+    if not (np.all(np.isfinite(src)) and np.all(np.isfinite(dst))):
+        raise CalibrationError("point coordinates must be finite numbers")
+    robust = ransac_px is not None and len(src) >= 2 * need
+    inl = np.ones(len(src), bool)
+    if robust:
+        if model == "homography":
+            M, mask = cv2.findHomography(src, dst, cv2.RANSAC, ransac_px, maxIters=4000, confidence=0.999)
+        else:
+            M, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=ransac_px,
+                                           maxIters=4000, confidence=0.999)
+        if M is None:
+            raise CalibrationError("no consistent mapping found in the point pairs")
+        inl = mask.ravel().astype(bool)
+        if inl.sum() < need:
+            raise CalibrationError("too few consistent point pairs")
+    s, d = src[inl], dst[inl]
+    if model == "homography":
+        M = _dlt(s, d)
+    else:
+        A = np.hstack([s, np.ones((len(s), 1))])
+        sol, *_ = np.linalg.lstsq(A, d, rcond=None)
+        M = np.vstack([sol.T, [0.0, 0.0, 1.0]])
+    M = np.asarray(M, np.float64)
+    if M.shape == (2, 3):
+        M = np.vstack([M, [0.0, 0.0, 1.0]])
+    if abs(np.linalg.det(M)) < 1e-12 or not np.all(np.isfinite(M)):
+        raise CalibrationError("point pairs are degenerate (collinear or repeated points)")
+    res = project(M, s) - d
+    rms = float(np.sqrt(np.mean(np.sum(res ** 2, axis=1))))
+    return M / M[2, 2], inl, rms
+
+
+def _normalizer(p: np.ndarray) -> np.ndarray:
+    c = p.mean(axis=0)
+    d = np.sqrt(((p - c) ** 2).sum(axis=1)).mean()
+    k = np.sqrt(2.0) / d if d > 1e-12 else 1.0
+    return np.array([[k, 0, -k * c[0]], [0, k, -k * c[1]], [0, 0, 1.0]])
+
+
+def _dlt(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares homography by the normalised direct linear transform (exact for exact correspondences)."""
+    Ts, Td = _normalizer(src), _normalizer(dst)
+    s = project(Ts, src)
+    d = project(Td, dst)
+    n = len(s)
+    A = np.zeros((2 * n, 9))
+    A[0::2, 0:2], A[0::2, 2] = s, 1.0
+    A[0::2, 6:8] = -d[:, :1] * s
+    A[0::2, 8] = -d[:, 0]
+    A[1::2, 3:5], A[1::2, 5] = s, 1.0
+    A[1::2, 6:8] = -d[:, 1:] * s
+    A[1::2, 8] = -d[:, 1]
+    _, sv, vt = np.linalg.svd(A)
+    if sv[-2] < 1e-9 * sv[0]:
+        raise CalibrationError("point pairs are degenerate (collinear or repeated points)")
+    Hn = vt[-1].reshape(3, 3)
+    H = np.linalg.inv(Td) @ Hn @ Ts
+    if abs(H[2, 2]) < 1e-12:
+        raise CalibrationError("point pairs are degenerate")
+    return H / H[2, 2]
+
+
+def project(H: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    pts = np.asarray(pts, np.float64).reshape(-1, 2)
+    p = np.hstack([pts, np.ones((len(pts), 1))]) @ np.asarray(H, np.float64).T
+    return p[:, :2] / p[:, 2:3]
+
+
+def read_points_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """CSV of point pairs: ``ir_x, ir_y, vis_x, vis_y`` per row; a header row and ``#`` comments are allowed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"{path}: no such points file")
+    rows = []
+    with path.open(newline="") as fh:
+        for i, row in enumerate(csv.reader(fh), 1):
+            cells = [c.strip() for c in row if c.strip()]
+            if not cells or cells[0].startswith("#"):
+                continue
+            try:
+                vals = [float(c) for c in cells]
+            except ValueError:
+                if not rows:
+                    continue  # header
+                raise CalibrationError(f"{path}:{i}: not a number in {row}") from None
+            if len(vals) != 4:
+                raise CalibrationError(f"{path}:{i}: expected 4 values (ir_x, ir_y, vis_x, vis_y), got {len(vals)}")
+            rows.append(vals)
+    if not rows:
+        raise CalibrationError(f"{path}: no point pairs")
+    a = np.asarray(rows, np.float64)
+    return a[:, :2], a[:, 2:]
+
+
+def calibrate_from_points(ir_pts, vis_pts, ir_size, vis_size, model: str = "homography",
+                          ransac_px: float | None = 3.0) -> tuple[Registration, dict]:
+    """Registration from point pairs given in full-resolution pixels of images of ``ir_size``/``vis_size`` (w, h)."""
+    M, inl, rms = fit_points(ir_pts, vis_pts, model, ransac_px)
+    n = len(inl)
+    info = {"method": f"points-{model}", "points": n, "inliers": int(inl.sum()), "residual_px": rms,
+            "confidence": float(inl.mean())}
+    reg = Registration(M, tuple(map(int, ir_size)), tuple(map(int, vis_size)), f"points-{model}", round(rms, 4),
+                       confidence=round(float(inl.mean()), 4))
+    return reg, info
+
+
+# ----------------------------------------------------------------------------------------------- coarse search
+
+def masked_ncc(fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray | None = None,
+               min_overlap: float = 0.3, weighted: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
+    """NCC of ``moving`` shifted by every integer translation over ``fixed`` (masked, so partial overlaps count).
+
+    Returns (ncc, (oy, ox)): ``ncc[i, j]`` is the score for moving's origin placed at fixed's pixel
+    ``(i - oy, j - ox)``; translations with overlap below ``min_overlap`` x the smaller image area are -1.
+    ``weighted`` multiplies the NCC by sqrt(overlap / fixed area).
+    """
+    if fixed.ndim == 2:
+        fixed = fixed[..., None]
+    if moving.ndim == 2:
+        moving = moving[..., None]
+    hf, wf = fixed.shape[:2]
+    hm, wm = moving.shape[:2]
+    mm = np.ones((hm, wm), np.float64) if moving_mask is None else moving_mask.astype(np.float64)
+    ph, pw = hf + hm - 1, wf + wm - 1
+    fsh = (cv2.getOptimalDFTSize(ph), cv2.getOptimalDFTSize(pw))
+    flip = lambda a: a[::-1, ::-1]  # correlating with the moving image == convolving with it flipped
+    conv = lambda A, B: np.fft.irfft2(A * B, fsh)[:ph, :pw]
+    F1 = np.fft.rfft2(np.ones((hf, wf)), fsh)
+    Gm = np.fft.rfft2(flip(mm), fsh)
+    n = np.round(conv(F1, Gm))
+    nn = np.maximum(n, 1.0)
+    num = np.zeros((ph, pw))
+    vf = np.zeros((ph, pw))
+    vm = np.zeros((ph, pw))
+    for c in range(fixed.shape[2]):  # channels: numerators and variances add up
+        f = fixed[..., c].astype(np.float64)
+        m = moving[..., c].astype(np.float64) * mm
+        Ff = np.fft.rfft2(f, fsh)
+        Gv = np.fft.rfft2(flip(m), fsh)
+        sf, sm = conv(Ff, Gm), conv(F1, Gv)
+        num += conv(Ff, Gv) - sf * sm / nn
+        vf += np.maximum(conv(np.fft.rfft2(f * f, fsh), Gm) - sf * sf / nn, 0)
+        vm += np.maximum(conv(F1, np.fft.rfft2(flip(m * m), fsh)) - sm * sm / nn, 0)
+    den = np.sqrt(vf * vm)
+    ncc = np.where(den > 1e-9 * nn, num / np.maximum(den, 1e-12), 0.0)
+    limit = min_overlap * min(hf * wf, float(mm.sum()))
+    ncc[n < limit] = -1.0
+    if weighted:
+        # small overlaps correlate well by chance: weight by the square root of the overlap (a significance score)
+        ncc = np.where(ncc > -1.0, ncc * np.sqrt(n / float(hf * wf)), -1.0)
+    # conv index k corresponds to moving's last pixel at fixed k -> origin at k - (hm - 1)
+    return ncc.astype(np.float32), (hm - 1, wm - 1)
+
+
+@dataclass
+class CoarseResult:
+    scale: float  # IR full-resolution px -> visible full-resolution px
+    tx: float
+    ty: float
+    score: float  # peak NCC of structure maps
+    distinct: float  # (peak - median) / robust std over all translations, at the best scale
+    scores: list = field(default_factory=list)  # (scale, peak) per scale tried
+    candidates: list = field(default_factory=list)  # the best few local maxima over scale (CoarseResult), best first
+
+    @property
+    def matrix(self) -> np.ndarray:
+        return np.array([[self.scale, 0, self.tx], [0, self.scale, self.ty], [0, 0, 1.0]])
+
+
+def coarse_search(ir: np.ndarray, vis: np.ndarray, scale_range=(0.55, 1.8), steps_per_octave: int = 14,
+                  work_side: int = 200, n_candidates: int = 3) -> CoarseResult:
+    """Best isotropic scale + translation (IR full px -> visible full px) by masked NCC of structure maps.
+
+    ``scale_range`` is relative to the scale that fits the IR frame into the visible frame (``min`` of the width
+    and height ratios), so the default covers both cameras with the same field of view and quite different ones.
+    """
+    gi, gv = to_gray(ir), to_gray(vis)
+    ci = content_mask(gi).astype(np.float32)
+    hv, wv = gv.shape
+    hi, wi = gi.shape
+    a = min(1.0, work_side / max(hv, wv))
+    gv_w = _resize(gv, a)
+    sv = structure_channels(gv_w)
+    sv[~(_resize(content_mask(gv).astype(np.float32), a) > 0.5)] = 0
+    base = min(wv / wi, hv / hi)
+    lo, hi_ = (math.log2(base * scale_range[0]), math.log2(base * scale_range[1]))
+    n_sc = max(1, int(round((hi_ - lo) * steps_per_octave)) + 1)
+    scales = np.exp2(np.linspace(lo, hi_, n_sc)) if n_sc > 1 else np.array([base * scale_range[0]])
+    per_scale = []
+    for s in scales:
+        k = s * a  # IR full px -> visible work px
+        gi_w = _resize(gi, k)
+        si = structure_channels(gi_w)
+        mi = _resize(ci, k) > 0.5
+        si[~mi] = 0
+        ncc, (oy, ox) = masked_ncc(sv, si, mi, weighted=True)
+        idx = int(np.argmax(ncc))
+        iy, ix = divmod(idx, ncc.shape[1])
+        peak = float(ncc[iy, ix])
+        valid = ncc[ncc > -1]
+        med = float(np.median(valid))
+        mad = float(np.median(np.abs(valid - med))) * 1.4826 + 1e-6
+        # sub-pixel peak (parabola) for a better start
+        dy = dx = 0.0
+        if 0 < iy < ncc.shape[0] - 1 and 0 < ix < ncc.shape[1] - 1:
+            c, u, d = ncc[iy, ix], ncc[iy - 1, ix], ncc[iy + 1, ix]
+            l, r = ncc[iy, ix - 1], ncc[iy, ix + 1]
+            if u > -1 and d > -1 and (u + d - 2 * c) < 0:
+                dy = 0.5 * (u - d) / (u + d - 2 * c)
+            if l > -1 and r > -1 and (l + r - 2 * c) < 0:
+                dx = 0.5 * (l - r) / (l + r - 2 * c)
+        # moving's origin (IR work px (0,0)) lands at fixed (iy-oy+dy, ix-ox+dx) in vis work px.
+        # pixel centres: ir_work = k * ir_full + (k-1)/2 ; vis_work = a * vis_full + (a-1)/2 (resize convention)
+        t_work = np.array([ix - ox + dx, iy - oy + dy])
+        t_full = (t_work + (k - 1) / 2 - (a - 1) / 2) / a
+        per_scale.append(CoarseResult(float(s), float(t_full[0]), float(t_full[1]), peak, (peak - med) / mad))
+    table = [(c.scale, c.score) for c in per_scale]
+    # candidates: local maxima of the peak score over scale, best first
+    peaks = [c.score for c in per_scale]
+    cands = [c for i, c in enumerate(per_scale)
+             if (i == 0 or peaks[i] >= peaks[i - 1]) and (i == len(peaks) - 1 or peaks[i] >= peaks[i + 1])]
+    cands.sort(key=lambda c: -c.score)
+    best = cands[0]
+    best.scores = table
+    best.candidates = cands[:n_candidates]
+    return best
+
+
+# ----------------------------------------------------------------------------------------------- local matching
+
+def _match_patches(ir: np.ndarray, vis: np.ndarray, H: np.ndarray, work_side: int, radius: int,
+                   patch: int = 41, step: int | None = None, min_ncc: float = 0.3, sigma: float = 1.0,
+                   min_gap: float = 0.05):
+    """Correspondences (IR full px, visible full px, weight) from patch NCC of structure maps around warp ``H``."""
+    gi, gv = to_gray(ir), to_gray(vis)
+    hv, wv = gv.shape
+    a = min(1.0, work_side / max(hv, wv))
+    S = _diag(a)
+    gv_w = _resize(gv, a)
+    hw, ww = gv_w.shape
+    Hw = S @ H  # IR full -> vis work
+    wi = _warp(gi, Hw, (ww, hw))
+    valid = _warp(content_mask(gi).astype(np.uint8), Hw, (ww, hw), cv2.INTER_NEAREST)
+    valid = cv2.erode(valid, np.ones((7, 7), np.uint8)).astype(bool)
+    valid &= _resize(content_mask(gv).astype(np.float32), a) > 0.5
+    sv = structure_channels(gv_w, sigma)
+    si = structure_channels(wi, sigma)
+    si[~valid] = 0
+    half = patch // 2
+    step = step or max(8, (patch * 2) // 3)
+    m = half + radius
+    src, dst, wts = [], [], []
+    for y in range(m, hw - m, step):
+        for x in range(m, ww - m, step):
+            if not valid[y - half:y + half + 1, x - half:x + half + 1].all():
+                continue
+            t = si[y - half:y + half + 1, x - half:x + half + 1]
+            if t[..., 0].std() < 0.05 or (t[..., 0] > 0.5).mean() < 0.02:
+                continue
+            win = sv[y - m:y + m + 1, x - m:x + m + 1]
+            if win[..., 0].std() < 0.05:
+                continue
+            r = cv2.matchTemplate(win, t, cv2.TM_CCOEFF_NORMED)
+            _, pk, _, (px, py) = cv2.minMaxLoc(r)
+            if pk < min_ncc or not np.isfinite(pk):
+                continue
+            if px in (0, r.shape[1] - 1) or py in (0, r.shape[0] - 1):
+                continue  # on the border of the search window: the true peak may be outside
+            # distinctiveness: second-best peak away from the best
+            r2 = r.copy()
+            cv2.circle(r2, (px, py), 3, -1.0, -1)
+            second = float(r2.max())
+            if pk - second < min_gap:
+                continue
+            c = r[py, px]
+            den_x = r[py, px - 1] + r[py, px + 1] - 2 * c
+            den_y = r[py - 1, px] + r[py + 1, px] - 2 * c
+            sx = 0.5 * (r[py, px - 1] - r[py, px + 1]) / den_x if den_x < 0 else 0.0
+            sy = 0.5 * (r[py - 1, px] - r[py + 1, px]) / den_y if den_y < 0 else 0.0
+            dx, dy = px - radius + sx, py - radius + sy
+            src.append((x, y))
+            dst.append((x + dx, y + dy))
+            wts.append(pk - second)
+    if not src:
+        return np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0)
+    src_w = np.asarray(src, np.float64)
+    dst_w = np.asarray(dst, np.float64)
+    ir_pts = project(np.linalg.inv(Hw), src_w)
+    vis_pts = dst_w / a
+    return ir_pts, vis_pts, np.asarray(wts)
+
+
+def structure_correlation(ir_reg: np.ndarray, vis: np.ndarray, valid: np.ndarray | None = None,
+                          work_side: int = 400) -> float:
+    """NCC of the structure maps of a registered IR frame and the visible frame over the valid region."""
+    gi, gv = to_gray(ir_reg), to_gray(vis)
+    a = min(1.0, work_side / max(gv.shape))
+    si, sv = structure_map(_resize(gi, a)), structure_map(_resize(gv, a))
+    if valid is None:
+        valid = np.ones(gv.shape, bool)
+    v = cv2.resize(valid.astype(np.uint8), (sv.shape[1], sv.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+    v = cv2.erode(v.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    if v.sum() < 100:
+        return 0.0
+    x, y = si[v] - si[v].mean(), sv[v] - sv[v].mean()
+    return float((x * y).sum() / (np.sqrt((x * x).sum() * (y * y).sum()) + 1e-12))
+
+
+# ----------------------------------------------------------------------------------------------- auto calibration
+
+@dataclass
+class AutoConfig:
+    model: str = "homography"
+    scale_range: tuple[float, float] = (0.55, 1.8)
+    coarse_side: int = 200
+    fine_side: int = 640
+    ransac_px: float = 2.5  # at fine working resolution
+    min_inliers: int = 12
+    min_inlier_ratio: float = 0.3
+    min_distinct: float = 3.5
+    min_confidence: float = 0.35
+    perspective_gain: float = 0.9  # keep perspective terms only if they cut the cross-validated error below this x affine
+
+
+def confidence_score(n_inliers: int, ratio: float, distinct: float) -> float:
+    """0..1: saturating in the inlier count (40), the inlier ratio and the coarse peak's distinctiveness."""
+    return float(min(1.0, n_inliers / 40.0) ** 0.5 * min(1.0, ratio / 0.6) * min(1.0, distinct / 8.0) ** 0.5)
+
+
+def _spatial_cv(src: np.ndarray, dst: np.ndarray, model: str) -> float:
+    """RMS error predicting each quadrant's (and each half's) matches from a fit to the others."""
+    cx, cy = np.median(src, axis=0)
+    folds = [(src[:, 0] < cx) & (src[:, 1] < cy), (src[:, 0] >= cx) & (src[:, 1] < cy),
+             (src[:, 0] < cx) & (src[:, 1] >= cy), (src[:, 0] >= cx) & (src[:, 1] >= cy),
+             src[:, 0] < cx, src[:, 0] >= cx, src[:, 1] < cy, src[:, 1] >= cy]
+    errs = []
+    for held in folds:
+        if held.sum() < 3 or (~held).sum() < 8:
+            continue
+        try:
+            M, _, _ = fit_points(src[~held], dst[~held], model, None)
+        except CalibrationError:
+            return float("inf")
+        errs.append(np.sum((project(M, src[held]) - dst[held]) ** 2, axis=1))
+    return float(np.sqrt(np.mean(np.concatenate(errs)))) if errs else float("inf")
+
+
+def _refuse(detail: str) -> CalibrationError:
+    return CalibrationError(f"the IR and visible images share too little structure: {detail}; use frames with clear "
+                            "outlines (buildings, poles, road edges, vehicles) or give point pairs with --points")
+
+
+def _refine(pairs, H: np.ndarray, cfg: AutoConfig, log, tag: str = "") -> tuple[np.ndarray, dict, float]:
+    """Patch matching + RANSAC rounds from ``H``: affine at half resolution (radius 12), then the requested model
+    at the fine resolution (radius 6, then 3). Returns (matrix, stats of the last round, support score)."""
+    vis_long = max(pairs[0][1].shape[:2])
+    side1, side2 = min(vis_long, cfg.fine_side // 2), min(vis_long, cfg.fine_side)
+    rounds = [(side1, 12, 14, 1.5, "affine"), (side2, 6, None, 1.5, cfg.model), (side2, 3, None, 1.0, cfg.model)]
+    stats: dict = {}
+    support = 0.0
+    for k, (side, radius, step, sigma, model) in enumerate(rounds):
+        parts = [_match_patches(ir, vis, H, side, radius, step=step, min_ncc=0.2, sigma=sigma) for ir, vis in pairs]
+        src = np.vstack([p[0] for p in parts])
+        dst = np.vstack([p[1] for p in parts])
+        thr = cfg.ransac_px * vis_long / side  # in visible full-resolution px
+        need = cfg.min_inliers if k == 0 else 8
+        if len(src) < need:
+            log(f"{tag}round r={radius}: only {len(src)} patch matches")
+            if k == 0:
+                stats.update(matches=len(src), inliers=0, inlier_ratio=0.0)
+            break
+        try:
+            M, inl, rms = fit_points(src, dst, model, thr)
+        except CalibrationError as exc:
+            log(f"{tag}round r={radius}: {exc}")
+            if k == 0:
+                stats.update(matches=len(src), inliers=0, inlier_ratio=0.0)
+            break
+        n_in, ratio = int(inl.sum()), float(inl.mean())
+        chosen = model
+        if model == "homography" and n_in >= 12:
+            # the two perspective terms must earn their place: matches often cover only part of the frame
+            # (textured top, blank road below), and a homography then extrapolates wildly. Keep it only if it
+            # predicts held-out regions better than an affine map does (spatial cross-validation).
+            cv_h = _spatial_cv(src[inl], dst[inl], "homography")
+            cv_a = _spatial_cv(src[inl], dst[inl], "affine")
+            if not cv_h < cfg.perspective_gain * cv_a:
+                M, _, rms = fit_points(src[inl], dst[inl], "affine", None)
+                chosen = "affine"
+        log(f"{tag}round r={radius} side={side}: {len(src)} matches, {n_in} consistent ({ratio:.0%}), "
+            f"rms {rms:.2f} px ({chosen})")
+        if k > 0 and n_in < need:
+            break
+        H = M
+        stats.update(matches=len(src), inliers=n_in, inlier_ratio=ratio, residual_px=rms, rounds=k + 1,
+                     model=chosen)
+        support += n_in * ratio
+        if k == 0 and (n_in < cfg.min_inliers or ratio < cfg.min_inlier_ratio):
+            break
+    return H, stats, support
+
+
+def _spatial_cv(src: np.ndarray, dst: np.ndarray, model: str) -> float:
+    """RMS error predicting each quadrant's (and each half's) matches from a fit to the others."""
+    cx, cy = np.median(src, axis=0)
+    folds = [(src[:, 0] < cx) & (src[:, 1] < cy), (src[:, 0] >= cx) & (src[:, 1] < cy),
+             (src[:, 0] < cx) & (src[:, 1] >= cy), (src[:, 0] >= cx) & (src[:, 1] >= cy),
+             src[:, 0] < cx, src[:, 0] >= cx, src[:, 1] < cy, src[:, 1] >= cy]
+    errs = []
+    for held in folds:
+        if held.sum() < 3 or (~held).sum() < 8:
+            continue
+        try:
+            M, _, _ = fit_points(src[~held], dst[~held], model, None)
+        except CalibrationError:
+            return float("inf")
+        errs.append(np.sum((project(M, src[held]) - dst[held]) ** 2, axis=1))
+    return float(np.sqrt(np.mean(np.concatenate(errs)))) if errs else float("inf")
+
+
+def _refuse(detail: str) -> CalibrationError:
+    return CalibrationError(f"the IR and visible images share too little structure: {detail}; use frames with clear "
+                            "outlines (buildings, poles, road edges, vehicles) or give point pairs with --points")
+
+
+def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tuple[Registration, dict]:
+    """Estimate the mapping from one or several (ir, vis) frame pairs of the same rig.
+
+    Each pair's coarse hypotheses (scale/translation) are verified by the patch-matching rounds and the one with
+    the most consistent support wins; with several pairs the best pair's estimate is then refined on all pairs
+    pooled. All pairs must share the IR size and the visible size (the mapping is one rig's). Raises
+    :class:`CalibrationError` when the evidence is too weak (see ``AutoConfig``). ``verbose`` is an optional
+    ``print``-like callable for progress lines.
+    """
+    cfg = config or AutoConfig()
+    if cfg.model not in MODELS:
+        raise CalibrationError(f"model must be one of {', '.join(MODELS)}, not {cfg.model!r}")
+    pairs = list(pairs)
+    if not pairs:
+        raise CalibrationError("no image pairs given")
+    ir_shape, vis_shape = pairs[0][0].shape[:2], pairs[0][1].shape[:2]
+    for ir, vis in pairs[1:]:
+        if ir.shape[:2] != ir_shape or vis.shape[:2] != vis_shape:
+            raise CalibrationError("all pairs must have the same IR size and the same visible size "
+                                   f"(got IR {ir.shape[1]}x{ir.shape[0]} vs {ir_shape[1]}x{ir_shape[0]})")
+    log = verbose or (lambda *_: None)
+    best = None  # (support, H, stats, coarse candidate)
+    best_distinct = 0.0
+    for i, (ir, vis) in enumerate(pairs):
+        coarse = coarse_search(ir, vis, cfg.scale_range, work_side=cfg.coarse_side)
+        best_distinct = max(best_distinct, coarse.distinct)
+        if coarse.distinct < cfg.min_distinct:
+            log(f"pair {i}: no distinct coarse match (distinctiveness {coarse.distinct:.1f})")
+            continue
+        for cand in coarse.candidates:
+            if cand.distinct < cfg.min_distinct:
+                continue
+            tag = f"pair {i} scale {cand.scale:.3f}: "
+            log(f"{tag}coarse t=({cand.tx:.1f},{cand.ty:.1f}) ncc {cand.score:.3f} distinct {cand.distinct:.1f}")
+            H, stats, support = _refine([(ir, vis)], cand.matrix, cfg, log, tag)
+            if best is None or support > best[0]:
+                best = (support, H, stats, cand)
+    if best is None:
+        raise _refuse(f"no distinct match in the scale/translation search (best peak {best_distinct:.1f} robust "
+                      f"std above the rest, need {cfg.min_distinct:g})")
+    support, H, stats, cand = best
+    info = {"pairs": len(pairs), "coarse_scale": cand.scale, "coarse_ncc": cand.score,
+            "coarse_distinct": cand.distinct, **stats}
+    if stats.get("inliers", 0) < cfg.min_inliers or stats.get("inlier_ratio", 0.0) < cfg.min_inlier_ratio:
+        raise _refuse(f"only {stats.get('inliers', 0)} of {stats.get('matches', 0)} patch matches agree on one "
+                      f"mapping (need {cfg.min_inliers} and {cfg.min_inlier_ratio:.0%})")
+    if len(pairs) > 1:  # pool all pairs, starting from the best single-pair estimate
+        H2, stats2, _ = _refine(pairs, H, cfg, log, "all pairs: ")
+        if stats2.get("rounds", 0) >= stats.get("rounds", 0) and stats2.get("inliers", 0) >= cfg.min_inliers:
+            H, info = H2, {**info, **stats2}
+    if info.get("rounds", 0) < 2 and cfg.model == "homography":
+        log("only the affine round succeeded: the result is affine")
+    conf = confidence_score(info["inliers"], info["inlier_ratio"], info["coarse_distinct"])
+    info["confidence"] = conf
+    method = f"auto-{info.get('model', 'affine')}"
+    reg = Registration(H, (ir_shape[1], ir_shape[0]), (vis_shape[1], vis_shape[0]), method,
+                       round(float(info["residual_px"]), 4), confidence=round(conf, 4))
+    corr = [structure_correlation(reg.apply(to_gray(ir), vis.shape[:2]), vis,
+                                  _valid_mask(ir.shape, H, (vis.shape[1], vis.shape[0]))) for ir, vis in pairs]
+    info["structure_ncc"] = float(np.mean(corr))
+    if conf < cfg.min_confidence:
+        raise _refuse(f"{info['inliers']} consistent patch matches ({info['inlier_ratio']:.0%} of "
+                      f"{info['matches']}), confidence {conf:.2f} < {cfg.min_confidence:g}")
+    return reg, info
+
+
+# ----------------------------------------------------------------------------------------------- evaluation + overlay
+
+def edge_alignment(ir_reg: np.ndarray, vis: np.ndarray, valid: np.ndarray | None = None, tol: float = 2.0,
+                   work_side: int = 640) -> float:
+    """Edge-alignment score of a registered IR frame against the visible frame, chance-corrected.
+
+    Edges (:func:`edge_map`) of both images are compared inside the valid (overlapping) region at ``work_side``
+    resolution: the share of IR edge pixels within ``tol`` px of a visible edge (and the reverse) minus the share
+    expected by chance (the area within ``tol`` of the other image's edges), divided by 1 minus that chance level;
+    the mean of both directions. 0 = no better than unrelated images, 1 = every edge has a partner.
+    """
+    gi, gv = to_gray(ir_reg), to_gray(vis)
+    a = min(1.0, work_side / max(gv.shape))
+    gi, gv = _resize(gi, a), _resize(gv, a)
+    if valid is None:
+        v = np.ones(gv.shape, bool)
+    else:
+        v = cv2.resize(valid.astype(np.uint8), (gv.shape[1], gv.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+    v = cv2.erode(v.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    if v.sum() < 100:
+        return 0.0
+    ei, ev = edge_map(gi, mask=v), edge_map(gv, mask=v)
+    if ei.sum() == 0 or ev.sum() == 0:
+        return 0.0
+    scores = []
+    for e_from, e_to in ((ei, ev), (ev, ei)):
+        near = cv2.distanceTransform((~e_to).astype(np.uint8), cv2.DIST_L2, 3) <= tol
+        hit = float(near[e_from].mean())
+        chance = float(near[v].mean())
+        scores.append((hit - chance) / max(1.0 - chance, 1e-6))
+    return float(np.mean(scores))
+
+
+def render_overlay(ir: np.ndarray, vis: np.ndarray, reg: Registration, tiles: int = 8,
+                   max_width: int = 1400) -> np.ndarray:
+    """BGR picture to judge a registration: left a checkerboard of registered IR / visible, right the registered
+    IR's edges (magenta) over the visible image with the visible edges (green); white where they coincide."""
+    h, w = vis.shape[:2]
+    gi = to_gray(ir)
+    reg_ir = reg.apply(gi, (h, w))
+    valid = reg.apply(np.ones(gi.shape, np.float32), (h, w)) > 0.5
+    gv = to_gray(vis)
+    vis_bgr = vis if (vis.ndim == 3 and vis.dtype == np.uint8) else cv2.cvtColor(
+        (gv * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    ir_u8 = (reg_ir * 255).astype(np.uint8)
+    ir_bgr = cv2.applyColorMap(ir_u8, cv2.COLORMAP_INFERNO)
+    ir_bgr[~valid] = 0
+    tile = max(1, h // tiles)
+    ty = (np.arange(h) // tile)[:, None]
+    tx = (np.arange(w) // tile)[None, :]
+    checker = ((ty + tx) % 2).astype(bool)
+    left = vis_bgr.copy()
+    left[checker & valid] = ir_bgr[checker & valid]
+    a = min(1.0, 640 / max(h, w))
+    vw = cv2.erode(_resize(valid.astype(np.uint8), a), np.ones((5, 5), np.uint8)) > 0
+    ei = edge_map(_resize(reg_ir, a), mask=vw)
+    ev = edge_map(_resize(gv, a))
+    ei = cv2.resize(ei.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    ev = cv2.resize(ev.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    k = max(1, int(round(1.0 / a)))
+    if k > 1:  # keep lines visible after the picture is scaled down
+        ei = cv2.dilate(ei.astype(np.uint8), np.ones((k, k), np.uint8)) > 0
+        ev = cv2.dilate(ev.astype(np.uint8), np.ones((k, k), np.uint8)) > 0
+    right = (cv2.cvtColor((gv * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR) * 0.45).astype(np.uint8)
+    right[ev] = (0, 200, 0)
+    right[ei] = (255, 0, 255)
+    right[ei & ev] = (255, 255, 255)
+    out = np.hstack([left, np.full((h, max(4, w // 200), 3), 255, np.uint8), right])
+    if out.shape[1] > max_width:
+        out = _resize(out, max_width / out.shape[1])
+    return out
+
+
+def write_overlay(path: str | Path, ir: np.ndarray, vis: np.ndarray, reg: Registration, **kw) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), render_overlay(ir, vis, reg, **kw)):
+        raise OSError(f"{path}: cannot write overlay image")
+    return path

@@ -1,0 +1,226 @@
+"""Calibration: point fitting, automatic cross-modal estimation (and its refusal), overlays, the CLI."""
+import argparse
+
+import cv2
+import numpy as np
+import pytest
+
+from ivf_ros import calibration as C
+from ivf_ros.data import data_root, read_ir, read_vis
+from ivf_ros.registration import Registration
+from ivf_ros.tools import calibrate as calibrate_tool
+
+DATA = data_root()
+needs_data = pytest.mark.skipif(not (DATA / "misaligned").is_dir(),
+                                reason=f"shared data not found at {DATA} (set IVF_DATA)")
+
+H_TRUE = np.array([[1.12, 0.04, 23.0], [-0.03, 1.08, -11.0], [2e-5, -1e-5, 1.0]])
+
+
+def corner_error(H_est, H_ref, w, h):
+    pts = np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1], [w / 2, h / 2]], float)
+    return float(np.abs(C.project(H_est, pts) - C.project(H_ref, pts)).max())
+
+
+def scene(h=360, w=480, seed=0):
+    """A synthetic 'visible' scene of shapes and the matching 'thermal' one with other intensities per shape."""
+    rng = np.random.default_rng(seed)
+    vis = np.full((h, w), 0.5, np.float32)
+    ir = np.full((h, w), 0.3, np.float32)
+    for _ in range(40):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        a, b = int(rng.integers(8, 60)), int(rng.integers(8, 60))
+        v, t = float(rng.uniform()), float(rng.uniform())
+        if rng.uniform() < 0.5:
+            cv2.rectangle(vis, (x, y), (x + a, y + b), v, -1)
+            cv2.rectangle(ir, (x, y), (x + a, y + b), t, -1)
+        else:
+            cv2.circle(vis, (x, y), a // 2, v, -1)
+            cv2.circle(ir, (x, y), a // 2, t, -1)
+    vis += rng.normal(0, 0.02, vis.shape).astype(np.float32)
+    ir = cv2.GaussianBlur(ir, (0, 0), 1.2) + rng.normal(0, 0.02, ir.shape).astype(np.float32)
+    return np.clip(ir * 255, 0, 255).astype(np.uint8), np.clip(vis * 255, 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ point correspondences
+
+@pytest.mark.parametrize("model", ["homography", "affine"])
+def test_exact_recovery_from_points(model):
+    rng = np.random.default_rng(1)
+    H = H_TRUE.copy()
+    if model == "affine":
+        H[2] = [0, 0, 1]
+    ir_pts = rng.uniform([0, 0], [640, 512], (30, 2))
+    vis_pts = C.project(H, ir_pts)
+    M, inl, rms = C.fit_points(ir_pts, vis_pts, model)
+    assert inl.all() and rms < 1e-6
+    assert np.allclose(M, H, atol=1e-7, rtol=1e-7)
+    # gross outliers are rejected and the rest still recovers the mapping exactly
+    vis_bad = vis_pts.copy()
+    vis_bad[:5] += rng.uniform(40, 80, (5, 2))
+    M2, inl2, rms2 = C.fit_points(ir_pts, vis_bad, model)
+    assert not inl2[:5].any() and inl2[5:].all() and rms2 < 1e-6
+    assert corner_error(M2, H, 640, 512) < 1e-4
+
+
+def test_minimal_and_degenerate_points():
+    pts = np.array([[0, 0], [100, 0], [100, 80], [0, 80]], float)
+    M, _, rms = C.fit_points(pts, C.project(H_TRUE, pts), "homography")
+    assert corner_error(M, H_TRUE, 640, 512) < 1e-6
+    with pytest.raises(C.CalibrationError, match="at least 4"):
+        C.fit_points(pts[:3], pts[:3], "homography")
+    line = np.array([[0, 0], [1, 1], [2, 2], [3, 3], [4, 4]], float)
+    with pytest.raises(C.CalibrationError):
+        C.fit_points(line, line * 2, "affine")
+
+
+def test_points_csv_yaml_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    ir_pts = rng.uniform([0, 0], [640, 512], (12, 2))
+    vis_pts = C.project(H_TRUE, ir_pts)
+    csv_path = tmp_path / "pts.csv"
+    csv_path.write_text("ir_x,ir_y,vis_x,vis_y\n# a comment\n"
+                        + "".join(f"{a:.9f},{b:.9f},{c:.9f},{d:.9f}\n" for (a, b), (c, d) in zip(ir_pts, vis_pts)))
+    a, b = C.read_points_csv(csv_path)
+    reg, info = C.calibrate_from_points(a, b, (640, 512), (800, 600))
+    loaded = Registration.load(reg.save(tmp_path / "h.yaml"))
+    assert loaded.method == "points-homography" and loaded.vis_size == (800, 600) and loaded.ir_size == (640, 512)
+    assert corner_error(loaded.matrix, H_TRUE, 640, 512) < 1e-5
+    assert loaded.residual_px < 1e-4
+    (tmp_path / "bad.csv").write_text("1,2,3\n")
+    with pytest.raises(C.CalibrationError, match="expected 4 values"):
+        C.read_points_csv(tmp_path / "bad.csv")
+
+
+def test_masked_ncc_finds_shift():
+    rng = np.random.default_rng(3)
+    fixed = cv2.GaussianBlur(rng.uniform(size=(80, 100)).astype(np.float32), (0, 0), 2)
+    moving = fixed[20:60, 30:90].copy()
+    ncc, (oy, ox) = C.masked_ncc(fixed, moving)
+    iy, ix = np.unravel_index(np.argmax(ncc), ncc.shape)
+    assert (iy - oy, ix - ox) == (20, 30) and ncc.max() > 0.99
+
+
+# ------------------------------------------------------------------------------------------ automatic estimation
+
+def test_auto_on_synthetic_cross_modal_scene():
+    ir_a, vis = scene()
+    # the IR camera sees the scene at another scale and position: ir = warp(ir_aligned, A)
+    A = np.array([[0.8, 0.0, 20.0], [0.0, 0.8, 15.0], [0, 0, 1.0]])
+    ir = cv2.warpPerspective(ir_a, A, (400, 320))
+    reg, info = C.calibrate_auto([(ir, vis)])
+    assert corner_error(reg.matrix, np.linalg.inv(A), 400, 320) < 1.5
+    assert info["confidence"] > 0.5
+
+
+G_WARP = np.array([[0.9, 0.03, 30.0], [-0.02, 0.92, 20.0], [3e-5, 1e-5, 1.0]])
+
+
+def grid(w, h, margin=40):
+    gx, gy = np.meshgrid(np.linspace(margin, w - margin, 9), np.linspace(margin, h - margin, 7))
+    return np.c_[gx.ravel(), gy.ravel()]
+
+
+@needs_data
+def test_auto_recovers_known_homography_same_modality_exactly():
+    # real thermal content warped by a known homography, registered onto the unwarped frame: exact recovery
+    ir_a = read_ir(DATA / "misaligned" / "msrs" / "ir" / "00099D.png")
+    h, w = ir_a.shape[:2]
+    ir = cv2.warpPerspective(ir_a, G_WARP, (w, h))
+    reg, info = C.calibrate_auto([(ir, ir_a)])
+    pts = C.project(G_WARP, grid(w, h, 80))  # warped-IR pixels of points inside both frames
+    err = np.linalg.norm(C.project(reg.matrix, pts) - C.project(np.linalg.inv(G_WARP), pts), axis=1)
+    assert err.max() < 0.5, (err.max(), info)
+    assert reg.method == "auto-homography"
+
+
+@needs_data
+def test_auto_recovers_known_homography_on_real_cross_modal_pair():
+    # a real aligned IR/visible pair (RoadScene), the IR warped by a known homography: the estimate from the
+    # warped IR to the visible image must undo the warp (to the accuracy of the data set's own alignment, ~1 px)
+    ir_a = read_ir(DATA / "misaligned" / "roadscene" / "ir" / "19.png")
+    vis = read_vis(DATA / "misaligned" / "roadscene" / "vi" / "19.png")
+    h, w = ir_a.shape[:2]
+    ir = cv2.warpPerspective(ir_a, G_WARP, (w, h))
+    reg, info = C.calibrate_auto([(ir, vis)])
+    pts = grid(w, h)  # visible pixels
+    err = np.linalg.norm(C.project(reg.matrix, C.project(G_WARP, pts)) - pts, axis=1)
+    assert np.median(err) < 2.0 and err.max() < 5.0, (np.median(err), err.max(), info)
+    assert info["confidence"] >= 0.5
+    # without the warp the estimate is close to identity: the method follows the known warp, nothing else
+    reg0, _ = C.calibrate_auto([(ir_a, vis)])
+    err0 = np.linalg.norm(C.project(reg.matrix, C.project(G_WARP, pts)) - C.project(reg0.matrix, pts), axis=1)
+    assert err0.max() < 3.0
+
+
+@needs_data
+def test_refuses_unrelated_images():
+    ir = read_ir(DATA / "misaligned" / "msrs" / "ir_warp" / "00004N.png")
+    vis = read_vis(DATA / "misaligned" / "roadscene" / "vi" / "35.png")
+    with pytest.raises(C.CalibrationError, match="too little structure"):
+        C.calibrate_auto([(ir, vis)])
+
+
+def test_refuses_featureless_images():
+    rng = np.random.default_rng(4)
+    ir = (rng.normal(128, 3, (240, 320))).clip(0, 255).astype(np.uint8)
+    vis = np.full((240, 320, 3), 90, np.uint8)
+    with pytest.raises(C.CalibrationError, match="too little structure"):
+        C.calibrate_auto([(ir, vis)])
+
+
+# ------------------------------------------------------------------------------------------ scores, overlay, CLI
+
+def test_edge_alignment_prefers_the_right_mapping():
+    ir, vis = scene(seed=5)
+    good = C.edge_alignment(ir, vis)
+    shifted = C.edge_alignment(np.roll(ir, 9, axis=1), vis)
+    assert good > 0.5 and good > shifted + 0.3
+
+
+def test_overlay_written(tmp_path):
+    ir, vis = scene(seed=6)
+    reg = Registration(np.array([[1.0, 0, 3.0], [0, 1.0, -2.0], [0, 0, 1]]), (480, 360), (480, 360))
+    path = C.write_overlay(tmp_path / "o" / "overlay.png", ir, cv2.cvtColor(vis, cv2.COLOR_GRAY2BGR), reg)
+    img = cv2.imread(str(path))
+    assert img is not None and img.ndim == 3 and img.shape[0] == 360 and img.shape[1] > 2 * 480
+    # checkerboard: IR (colour-mapped) tiles and visible tiles alternate on the left half
+    left = img[:, :480].astype(int)
+    from_ir = (np.abs(left - vis[..., None].astype(int)) > 12).any(axis=2)
+    assert 0.3 < from_ir.mean() < 0.7
+    tile = 360 // 8
+    assert from_ir[5:tile - 5, tile + 5:2 * tile - 5].mean() > 0.6  # second tile of the first row is IR
+    assert from_ir[5:tile - 5, 5:tile - 5].mean() < 0.3  # the first is the visible image
+
+
+def _cli(argv):
+    p = argparse.ArgumentParser()
+    calibrate_tool.add_arguments(p)
+    return calibrate_tool.run(p.parse_args(argv))
+
+
+def test_cli_points_writes_yaml_and_overlay(tmp_path):
+    ir, vis = scene(seed=7)
+    cv2.imwrite(str(tmp_path / "ir.png"), ir)
+    cv2.imwrite(str(tmp_path / "vis.png"), vis)
+    pts = np.array([[10, 10], [400, 20], [420, 300], [30, 330], [200, 180]], float)
+    A = np.array([[1.0, 0.0, 4.0], [0.0, 1.0, -3.0], [0, 0, 1.0]])
+    rows = "".join(f"{a},{b},{c},{d}\n" for (a, b), (c, d) in zip(pts, C.project(A, pts)))
+    (tmp_path / "p.csv").write_text("ir_x,ir_y,vis_x,vis_y\n" + rows)
+    rc = _cli(["--ir", str(tmp_path / "ir.png"), "--vis", str(tmp_path / "vis.png"), "--out",
+               str(tmp_path / "h.yaml"), "--points", str(tmp_path / "p.csv"), "--model", "affine"])
+    assert rc == 0
+    reg = Registration.load(tmp_path / "h.yaml")
+    assert np.allclose(reg.matrix, A, atol=1e-6) and reg.method == "points-affine"
+    assert cv2.imread(str(tmp_path / "h_overlay.png")) is not None
+
+
+def test_cli_refusal_exit_code(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    cv2.imwrite(str(tmp_path / "ir.png"), rng.normal(128, 2, (200, 260)).clip(0, 255).astype(np.uint8))
+    cv2.imwrite(str(tmp_path / "vis.png"), np.full((200, 260, 3), 77, np.uint8))
+    rc = _cli(["--ir", str(tmp_path / "ir.png"), "--vis", str(tmp_path / "vis.png"), "--out",
+               str(tmp_path / "h.yaml")])
+    assert rc == calibrate_tool.EXIT_REFUSED
+    assert "too little structure" in capsys.readouterr().err
+    assert not (tmp_path / "h.yaml").exists()

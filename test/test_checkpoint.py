@@ -1,0 +1,97 @@
+"""Checkpoint format: round trip, metadata, and one-line errors for bad files."""
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ivf_ros.checkpoint import CheckpointError, default_checkpoint, load_checkpoint, read_metadata, save_checkpoint
+from ivf_ros.model import FusionStudent
+
+META = {"classes": ["background", "person"], "palette": [[0, 0, 0], [255, 0, 0]], "training": {"data": "test"}}
+
+
+def test_round_trip_keeps_weights_and_metadata(tmp_path):
+    model = FusionStudent(num_classes=2, width=8)
+    torch.nn.init.normal_(model.coeff_head.weight)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, META)
+    loaded, meta = load_checkpoint(path)
+    assert meta["classes"] == ["background", "person"]
+    assert meta["hyper_parameters"] == {"num_classes": 2, "width": 8}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name])
+    assert json.loads((tmp_path / "m.json").read_text())["architecture"] == meta["architecture"]
+    assert not loaded.training
+
+
+def test_shipped_checkpoint_loads_with_its_classes():
+    meta = read_metadata(default_checkpoint())
+    assert meta["classes"][:4] == ["background", "person", "bicycle", "car"]
+    model, _ = load_checkpoint()
+    assert model.num_classes == len(meta["classes"])
+
+
+def _one_line(exc: CheckpointError) -> str:
+    text = str(exc)
+    assert "\n" not in text
+    return text
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "nope.safetensors")
+    assert "nope.safetensors" in _one_line(err.value) and "no such" in str(err.value)
+
+
+def test_corrupt_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(bad)
+    assert "bad.safetensors" in _one_line(err.value)
+
+
+def test_truncated_file(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", FusionStudent(num_classes=2, width=8), META)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert "m.safetensors" in _one_line(err.value)
+
+
+def test_file_without_metadata(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match="metadata"):
+        load_checkpoint(path)
+
+
+def test_weights_that_do_not_match_the_architecture(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", FusionStudent(num_classes=2, width=8), META)
+    meta = read_metadata(path)
+    meta["hyper_parameters"]["width"] = 16  # claims another width than the stored tensors have
+    tensors = {k: v for k, v in FusionStudent(num_classes=2, width=8).state_dict().items()}
+    save_file(tensors, str(path), metadata={"ivf_ros": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(path)
+
+
+def test_unknown_architecture_and_inconsistent_palette(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"ivf_ros": json.dumps({**META, "architecture": "resnet",
+                                                                                 "hyper_parameters": {}})})
+    with pytest.raises(CheckpointError, match="unknown architecture"):
+        load_checkpoint(path)
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"ivf_ros": json.dumps(
+        {**META, "palette": [[0, 0, 0]], "architecture": "ivf_coeffnet", "hyper_parameters": {}})})
+    with pytest.raises(CheckpointError, match="palette"):
+        load_checkpoint(path)
+
+
+def test_header_length_lies(tmp_path):
+    path = tmp_path / "lie.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(CheckpointError):
+        read_metadata(path)

@@ -1,0 +1,163 @@
+"""Training data: IR/visible pairs with optional per-pixel targets, from the layouts users have.
+
+Supported layouts (``load_pairs(root, layout)``):
+
+* ``pairs``  ``ir/`` + ``vi/`` matched by stem, optional ``boxes/`` (YOLO txt) -> box-derived masks (MSRS here);
+* ``msrs``   ``ir/`` + ``vi/`` + ``Label/`` (pixel class ids, the full MSRS release, 9 classes);
+* ``fmb``    ``Infrared/`` + ``Visible/`` + ``Label/`` (FMB, 15 classes);
+* ``mfnet``  ``images/*.png`` 4-channel (R, G, B, thermal) + ``labels/*.png`` (MFNet, 9 classes).
+
+Box-derived masks: each box is filled with its class (larger boxes first so small ones stay visible) and a band
+along the box border is marked ``IGNORE`` because boxes are looser than objects; pixels outside every box are
+background. Pixel-label layouts map their classes onto the checkpoint's classes with a name table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ivf_ros.data import find_pairs, list_images, read_ir, read_vis, read_yolo_boxes
+
+IGNORE = 255
+
+LAYOUT_CLASSES = {
+    "msrs": ["unlabelled", "car", "person", "bike", "curve", "car_stop", "guardrail", "color_cone", "bump"],
+    "mfnet": ["unlabelled", "car", "person", "bike", "curve", "car_stop", "guardrail", "color_cone", "bump"],
+    "fmb": ["unlabelled", "road", "sidewalk", "building", "traffic_light", "traffic_sign", "vegetation", "sky",
+            "person", "car", "truck", "bus", "motorcycle", "bicycle", "pole"],
+}
+# Layout class names -> our class names (anything unmapped becomes background).
+CLASS_ALIASES = {"bike": "bicycle", "bicycle": "bicycle", "motorcycle": "bicycle", "person": "person",
+                 "car": "car", "truck": "car", "bus": "car"}
+
+
+@dataclass
+class Sample:
+    """One pair in memory: IR gray uint8, visible BGR or gray uint8, target class ids (uint8, IGNORE) or None,
+    and the pixel boxes the target came from (box layouts only)."""
+
+    stem: str
+    ir: np.ndarray
+    vis: np.ndarray
+    target: np.ndarray | None
+    boxes: list | None = None
+
+
+def box_mask(shape: tuple[int, int], boxes, band: float = 0.1) -> np.ndarray:
+    """Class-id mask from pixel boxes ``(yolo_class, x0, y0, x1, y1)``; class id = yolo_class + 1."""
+    h, w = shape
+    mask = np.zeros((h, w), np.uint8)
+    for c, x0, y0, x1, y1 in sorted(boxes, key=lambda b: -(b[3] - b[1]) * (b[4] - b[2])):
+        x0, y0 = max(0, int(round(x0))), max(0, int(round(y0)))
+        x1, y1 = min(w, int(round(x1))), min(h, int(round(y1)))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        mask[y0:y1, x0:x1] = IGNORE
+        b = max(1, int(round(band * min(x1 - x0, y1 - y0))))
+        if x1 - x0 > 2 * b and y1 - y0 > 2 * b:
+            mask[y0 + b:y1 - b, x0 + b:x1 - b] = c + 1
+    return mask
+
+
+def remap_labels(labels: np.ndarray, layout_classes: list[str], classes: list[str]) -> np.ndarray:
+    """Map a layout's class ids onto ``classes`` by name (unknown -> background, ids beyond the table -> IGNORE)."""
+    lut = np.full(256, IGNORE, np.uint8)
+    for i, name in enumerate(layout_classes):
+        ours = CLASS_ALIASES.get(name)
+        lut[i] = classes.index(ours) if ours in classes else 0
+    return lut[labels]
+
+
+def _read_label(path: Path) -> np.ndarray:
+    lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if lab is None:
+        raise ValueError(f"{path}: cannot read label image")
+    return lab if lab.ndim == 2 else lab[..., 0]
+
+
+def load_pairs(root: str | Path, layout: str = "pairs", classes: list[str] | None = None,
+               stems: list[str] | None = None) -> list[Sample]:
+    """Load every pair of a dataset folder into memory (optionally only ``stems``)."""
+    root = Path(root)
+    classes = classes or ["background", "person", "bicycle", "car"]
+    samples = []
+    if layout == "mfnet":
+        labels = list_images(root / "labels")
+        for stem, path in list_images(root / "images").items():
+            if stems is not None and stem not in stems:
+                continue
+            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if img is None or img.ndim != 3 or img.shape[2] != 4:
+                raise ValueError(f"{path}: MFNet images have 4 channels (R, G, B, thermal)")
+            vis = np.ascontiguousarray(img[..., :3])  # OpenCV reads B, G, R, then the 4th (thermal) channel
+            target = remap_labels(_read_label(labels[stem]), LAYOUT_CLASSES[layout], classes) if stem in labels else None
+            samples.append(Sample(stem, np.ascontiguousarray(img[..., 3]), vis, target))
+        return samples
+    dirs = {"pairs": ("ir", "vi", None), "msrs": ("ir", "vi", "Label"), "fmb": ("Infrared", "Visible", "Label")}
+    if layout not in dirs:
+        raise ValueError(f"unknown dataset layout '{layout}' (pairs, msrs, fmb, mfnet)")
+    ir_dir, vis_dir, label_dir = dirs[layout]
+    labels = list_images(root / label_dir) if label_dir else {}
+    for pair in find_pairs(root / ir_dir, root / vis_dir, allow_unmatched=True):
+        if stems is not None and pair.stem not in stems:
+            continue
+        ir, vis = read_ir(pair.ir), read_vis(pair.vis)
+        if ir.dtype != np.uint8:
+            ir = cv2.normalize(ir, None, 0, 255, cv2.NORM_MINMAX, cv2.CV_8U)
+        if ir.shape[:2] != vis.shape[:2]:
+            raise ValueError(f"{pair.stem}: IR {ir.shape[:2]} and visible {vis.shape[:2]} sizes differ")
+        target, boxes = None, None
+        if label_dir and pair.stem in labels:
+            target = remap_labels(_read_label(labels[pair.stem]), LAYOUT_CLASSES[layout], classes)
+        elif layout == "pairs" and (root / "boxes").is_dir():
+            h, w = ir.shape[:2]
+            boxes = read_yolo_boxes(root / "boxes" / f"{pair.stem}.txt", w, h)
+            target = box_mask((h, w), boxes)
+        samples.append(Sample(pair.stem, ir, vis, target, boxes))
+    return samples
+
+
+def to_tensors(ir: np.ndarray, vis: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(IR 1xHxW, visible luminance 1xHxW, visible YCrCb 3xHxW) float tensors in [0, 1]."""
+    ycrcb = cv2.cvtColor(vis, cv2.COLOR_BGR2YCrCb) if vis.ndim == 3 else np.dstack([vis, np.full_like(vis, 128),
+                                                                                      np.full_like(vis, 128)])
+    t = torch.from_numpy(ycrcb).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(ir)[None].float() / 255.0, t[:1], t
+
+
+class CropDataset(Dataset):
+    """Random crops with flips; half of the crops of labelled pairs are centred on an object."""
+
+    def __init__(self, samples: list[Sample], crop: int = 160, length: int = 2000, seed: int = 0):
+        self.samples = [s for s in samples if min(s.ir.shape[:2]) >= crop]
+        if not self.samples:
+            raise ValueError(f"no training pair is at least {crop}x{crop}")
+        self.crop, self.length, self.seed = crop, length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng((self.seed, index))
+        s = self.samples[rng.integers(len(self.samples))]
+        h, w = s.ir.shape[:2]
+        c = self.crop
+        y, x = rng.integers(h - c + 1), rng.integers(w - c + 1)
+        if s.target is not None and rng.random() < 0.5:
+            ys, xs = np.nonzero((s.target > 0) & (s.target != IGNORE))
+            if len(ys):
+                k = rng.integers(len(ys))
+                y = int(np.clip(ys[k] - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, h - c))
+                x = int(np.clip(xs[k] - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, w - c))
+        sl = (slice(y, y + c), slice(x, x + c))
+        ir, vis = s.ir[sl], s.vis[sl]
+        target = s.target[sl] if s.target is not None else np.full((c, c), IGNORE, np.uint8)
+        if rng.random() < 0.5:
+            ir, vis, target = ir[:, ::-1], vis[:, ::-1], target[:, ::-1]
+        ir_t, vis_y, ycrcb = to_tensors(np.ascontiguousarray(ir), np.ascontiguousarray(vis))
+        return ir_t, vis_y, ycrcb, torch.from_numpy(np.ascontiguousarray(target)).long()

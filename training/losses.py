@@ -1,0 +1,54 @@
+"""Fusion and segmentation losses (all inputs N x 1 x H x W in [0, 1] unless noted).
+
+The fusion objective follows the intensity + texture recipe of SeAFusion-style unsupervised fusion, plus a
+structural (SSIM) term towards both sources:
+
+* intensity: L1 to the element-wise maximum of the sources (keeps warm targets and bright visible content);
+* gradient:  L1 between |Sobel(F)| and max(|Sobel(IR)|, |Sobel(VIS)|) (keeps the strongest texture of either);
+* ssim:      1 - (SSIM(F, IR) + SSIM(F, VIS)) / 2 (keeps the structure of both).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .datasets import IGNORE
+
+def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """|Sobel_x| + |Sobel_y| with replicated borders (separable, by slicing: cheap on the CPU)."""
+    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    smooth_v = p[..., :-2, :] + 2 * p[..., 1:-1, :] + p[..., 2:, :]
+    smooth_h = p[..., :, :-2] + 2 * p[..., :, 1:-1] + p[..., :, 2:]
+    gx = smooth_v[..., :, 2:] - smooth_v[..., :, :-2]
+    gy = smooth_h[..., 2:, :] - smooth_h[..., :-2, :]
+    return gx.abs() + gy.abs()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """Mean SSIM with a uniform window (valid region), single-channel images in [0, 1] (a training loss;
+    the reported metric uses the Gaussian-window definition in ivf_ros.metrics)."""
+    stats = F.avg_pool2d(torch.cat([a, b, a * a, b * b, a * b], dim=1), window, stride=1)
+    mu_a, mu_b, aa, bb, ab = stats.unbind(1)
+    c1, c2 = 0.01**2, 0.03**2
+    var_a, var_b, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
+    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    return (num / den).mean()
+
+
+def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor, weights: dict) -> dict[str, torch.Tensor]:
+    """Weighted fusion loss terms; ``weights`` keys: intensity, gradient, ssim. Returns terms and 'total'."""
+    terms = {
+        "intensity": F.l1_loss(fused, torch.maximum(ir, vis)),
+        "gradient": F.l1_loss(sobel_magnitude(fused), torch.maximum(sobel_magnitude(ir), sobel_magnitude(vis))),
+        "ssim": 1.0 - 0.5 * (ssim(fused, ir) + ssim(fused, vis)),
+    }
+    terms["total"] = sum(weights.get(k, 0.0) * v for k, v in terms.items())
+    return terms
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None):
+    """Cross-entropy over labelled pixels (``IGNORE`` skipped); zero when a batch has no labelled pixel."""
+    if not (target != IGNORE).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target, weight=class_weights, ignore_index=IGNORE)

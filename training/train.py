@@ -1,0 +1,184 @@
+"""Train the fusion student + segmentation head from a YAML config.
+
+    python -m training.train --config training/configs/student.yaml [--resume] [--steps N] [--out DIR]
+
+Writes ``OUT/last.pt`` (resumable training state), ``OUT/best.safetensors`` (the best checkpoint by the
+validation score, in the shipped format) and ``OUT/log.jsonl`` (one line per validation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import ConcatDataset, DataLoader
+from tqdm import tqdm
+
+from ivf_ros.checkpoint import save_checkpoint
+from ivf_ros.data import data_root, msrs_split
+from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
+
+from .datasets import CropDataset, load_pairs, to_tensors
+from .losses import fusion_loss, segmentation_loss
+from .validate import validate
+
+INPUT_CONVENTIONS = {
+    "ir": "1 x H x W in [0, 1], registered to the visible frame",
+    "visible": "luminance Y = 0.299 R + 0.587 G + 0.114 B in [0, 1]",
+    "output": "fused luminance in [0, 1]; colour restored from the visible YCrCb chroma",
+    "labels": "argmax of the logits; class ids index 'classes'",
+}
+
+
+def load_config(path: str | Path) -> dict:
+    cfg = yaml.safe_load(Path(path).read_text())
+    for key in ("classes", "palette", "model", "data", "val", "train", "loss"):
+        if key not in cfg:
+            raise ValueError(f"{path}: config lacks '{key}'")
+    return cfg
+
+
+def resolve_root(root: str) -> Path:
+    p = Path(root)
+    return p if p.is_absolute() or p.exists() else data_root() / root
+
+
+def load_split(entry: dict, classes: list[str]):
+    """Samples of one data entry: {root, layout, split: all|train|val}."""
+    root = resolve_root(entry["root"])
+    samples = load_pairs(root, entry.get("layout", "pairs"), classes)
+    split = entry.get("split", "all")
+    if split != "all":
+        train, val = msrs_split([s.stem for s in samples])
+        keep = set(train if split == "train" else val)
+        samples = [s for s in samples if s.stem in keep]
+    if entry.get("limit"):
+        samples = samples[: int(entry["limit"])]
+    return samples
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def selection_score(metrics: dict) -> float:
+    """One number to pick the best checkpoint: fusion quality (VIF, Qabf, SSIM, SCD) plus person F1."""
+    return (metrics["VIF"] + metrics["Qabf"] + 0.5 * metrics["SSIM"] + 0.25 * metrics["SCD"]
+            + metrics.get("person_f1", 0.0))
+
+
+def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Run training; returns the best validation metrics."""
+    seed_everything(int(cfg.get("seed", 0)))
+    torch.set_num_threads(int(cfg["train"].get("threads", torch.get_num_threads())))
+    out.mkdir(parents=True, exist_ok=True)
+    classes, tc, wl = cfg["classes"], cfg["train"], cfg["loss"]
+    sets = [CropDataset(load_split(e, classes), tc["crop"], tc["steps"] * tc["batch"], seed=i + cfg.get("seed", 0))
+            for i, e in enumerate(cfg["data"])]
+    val_samples = load_split(cfg["val"], classes)
+    loader = DataLoader(ConcatDataset(sets), batch_size=tc["batch"], shuffle=True, drop_last=True,
+                        num_workers=int(tc.get("workers", 0)),
+                        generator=torch.Generator().manual_seed(int(cfg.get("seed", 0))))
+    model = build_model(ARCHITECTURE, {"num_classes": len(classes), **cfg["model"]})
+    opt = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc.get("weight_decay", 1e-4))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc["lr"], total_steps=tc["steps"], pct_start=0.1)
+    class_weights = torch.tensor(wl["class_weights"], dtype=torch.float32) if wl.get("class_weights") else None
+    step, best = 0, {"score": -1e9}
+    state_path = out / "last.pt"
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, best = int(state["step"]), json.loads(state["best"])
+    bar = tqdm(total=tc["steps"], initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    batches = iter(loader)
+    model.train()
+    while step < tc["steps"]:
+        try:
+            ir, vis_y, _, target = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            continue
+        fused, logits = model(ir, vis_y)
+        terms = fusion_loss(fused, ir, vis_y, wl)
+        seg = segmentation_loss(logits, target, class_weights)
+        loss = terms["total"] + wl.get("segmentation", 0.0) * seg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", seg=f"{seg.item():.3f}")
+        if step % tc["val_every"] == 0 or step == tc["steps"]:
+            metrics = validate(model, val_samples, classes, progress=False)
+            metrics["score"] = selection_score(metrics)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "loss": loss.item(), **metrics}) + "\n")
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            if metrics["score"] > best["score"]:
+                best = {"step": step, **metrics}
+                save_checkpoint(out / "best.safetensors", model, checkpoint_metadata(cfg, model, best))
+            model.train()
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "step": step, "best": json.dumps(best)}, state_path)
+    bar.close()
+    return best
+
+
+def checkpoint_metadata(cfg: dict, model: torch.nn.Module, metrics: dict) -> dict:
+    return {
+        "architecture": ARCHITECTURE,
+        "hyper_parameters": model.hyper_parameters(),
+        "parameters": count_parameters(model),
+        "classes": cfg["classes"],
+        "palette": cfg["palette"],
+        "input": INPUT_CONVENTIONS,
+        "training": {
+            "data": cfg["data"],
+            "segmentation_targets": cfg.get("segmentation_targets", "box-derived masks (training/datasets.py)"),
+            "prior_source": cfg.get("prior_source", "none (trained directly, no teacher)"),
+            "steps": cfg["train"]["steps"],
+            "loss": cfg["loss"],
+            "seed": cfg.get("seed", 0),
+            "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "validation": {"data": cfg["val"], **{k: round(float(v), 4) for k, v in metrics.items()}},
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", help="output folder (default: the config's 'out')")
+    ap.add_argument("--steps", type=int, help="override train.steps")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    if args.steps:
+        cfg["train"]["steps"] = args.steps
+    best = train(cfg, Path(args.out or cfg.get("out", "runs/student")), resume=args.resume)
+    print(json.dumps(best, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
