@@ -12,6 +12,10 @@ for networks without a segmentation head, such as the SAGE reference). Any netwo
   the CPU, or the CUDA execution provider when the device is CUDA.
 - ``tensorrt``: ONNX Runtime's TensorRT execution provider; engines are cached on disk under a directory keyed
   by GPU name, TensorRT version and input size, so each is built once.
+
+On a CPU shared with other processes, start the process with ``OMP_WAIT_POLICY=PASSIVE`` (it must be set before
+torch is imported): with the default spin-waiting, two OpenMP threads on two busy cores made a 32-channel convolution
+20x slower here. ONNX Runtime's pool is set not to spin for the same reason.
 """
 from __future__ import annotations
 
@@ -72,11 +76,9 @@ class TorchBackend:
         cuda = self.device.type == "cuda"
         self.half = bool(half) and cuda
         self.dtype = torch.float16 if self.half else torch.float32
-        self.name = "compile" if compile else "torch"
         self.cuda_graphs = bool(cuda_graphs) and cuda and not compile
         model = prepare_module(model).to(self.device, memory_format=torch.channels_last)
-        self.model = model.half() if self.half else model
-        self.net = _WithLabels(self.model).eval()
+        self.net = _WithLabels(model.half() if self.half else model).eval()
         if compile:
             mode = "reduce-overhead" if cuda and cuda_graphs else None
             self.net = torch.compile(self.net, dynamic=False, mode=mode, options=None if mode else {"freezing": True})
@@ -211,16 +213,26 @@ class OnnxRuntimeBackend:
                              f"(available: {', '.join(ort.get_available_providers())})")
         self.provider = wanted
         self._sessions: dict[tuple[int, int] | None, object] = {}
+        self._file_size = None  # (h, w) of a fixed-size ONNX file
         if self.onnx_path is not None:
             if not self.onnx_path.is_file():
                 raise ValueError(f"{self.onnx_path}: no such ONNX file")
-            self._dims = self._session(None).get_inputs()[0].shape[-2:]
+            import onnx
+
+            try:
+                dims = onnx.load(str(self.onnx_path)).graph.input[0].type.tensor_type.shape.dim[-2:]
+            except Exception as exc:  # noqa: BLE001 - protobuf decode errors have no common public base
+                raise ValueError(f"{self.onnx_path}: not a readable ONNX file ({type(exc).__name__})") from None
+            if all(d.HasField("dim_value") for d in dims):
+                self._file_size = tuple(d.dim_value for d in dims)
 
     def _options(self):
         so = self.ort.SessionOptions()
         so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = torch.get_num_threads()
         so.inter_op_num_threads = 1
+        # Idle pool threads sleep instead of spinning: spinning starves torch, OpenCV and other nodes on the CPU.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return so
 
     def _providers(self, size: tuple[int, int] | None) -> list:
@@ -233,7 +245,7 @@ class OnnxRuntimeBackend:
         return ["CPUExecutionProvider"]
 
     def _engine_dir(self, size: tuple[int, int] | None) -> Path:
-        """Engine cache directory for this GPU, TensorRT version and input size (``any`` for dynamic files)."""
+        """Engine cache directory for this GPU, TensorRT version and input size (``dynamic`` for such files)."""
         try:
             import tensorrt
 
@@ -241,7 +253,8 @@ class OnnxRuntimeBackend:
         except ImportError:
             trt_version = "unknown"
         gpu = torch.cuda.get_device_name(self.device) if torch.cuda.is_available() else "nogpu"
-        shape = f"{size[1]}x{size[0]}" if size else "any"
+        size = size or self._file_size
+        shape = f"{size[1]}x{size[0]}" if size else "dynamic"
         key = "_".join("".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in part)
                        for part in (gpu, f"trt{trt_version}", shape, "fp16" if self.half else "fp32"))
         path = self.engine_cache / key
@@ -262,12 +275,12 @@ class OnnxRuntimeBackend:
     def _session_for(self, h: int, w: int):
         if self.onnx_path is None:
             return self._session((h, w))
-        fixed = [d if isinstance(d, int) else None for d in self._dims]
-        if fixed[0] is None and (h % 4 or w % 4):
+        if self._file_size is None and (h % 4 or w % 4):
             raise ValueError(f"{self.onnx_path}: a dynamic ONNX graph is exact only for sizes that are multiples "
                              f"of 4, not {w}x{h} (export this size with 'ivf export --size {w}x{h}')")
-        if fixed[0] is not None and (fixed[0], fixed[1]) != (h, w):
-            raise ValueError(f"{self.onnx_path}: exported for {fixed[1]}x{fixed[0]} inputs, got {w}x{h}")
+        if self._file_size is not None and self._file_size != (h, w):
+            fh, fw = self._file_size
+            raise ValueError(f"{self.onnx_path}: exported for {fw}x{fh} inputs, got {w}x{h}")
         return self._session(None)
 
     def __call__(self, ir01: np.ndarray, vis_y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

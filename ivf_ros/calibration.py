@@ -4,18 +4,21 @@ Thermal and visible images do not share intensities (a warm wall can be bright i
 the reverse), but they share *structure*: object outlines, horizons, poles, lane edges. The automatic method works
 on structure maps (locally contrast-normalised gradient magnitude, which ignores edge polarity) in three steps:
 
-1. coarse search: isotropic scale x translation. For each scale on a log grid the scaled IR structure map is
-   correlated with the visible one at every translation with a masked normalised cross-correlation (FFT), so
-   partially overlapping fields of view are handled. The best peak and its distinctiveness (how far it stands above
-   the other translations, in robust standard deviations) are kept.
-2. local matching: the IR is warped with the current estimate; on a grid of textured patches the displacement to
-   the visible structure map is found by normalised cross-correlation within a small radius (ambiguous or weak
-   matches are dropped), giving point correspondences.
-3. robust fit: RANSAC fits the requested model (homography or affine) to the correspondences of all frame pairs;
-   steps 2-3 repeat with a smaller radius at a finer resolution.
+1. coarse search: isotropic scale x translation. For each scale on a log grid the scaled IR structure map
+   (magnitude plus polarity-free orientation channels) is correlated with the visible one at every translation by
+   a masked normalised cross-correlation (FFT), so partially overlapping fields of view are handled. The best few
+   peaks over scale are kept as hypotheses, with their distinctiveness (how far a peak stands above the other
+   translations, in robust standard deviations).
+2. local matching: the IR is warped with a hypothesis; on a grid of textured patches the displacement to the
+   visible structure map is found by normalised cross-correlation within a small radius (weak, ambiguous or
+   border peaks are dropped), giving point correspondences.
+3. robust fit: RANSAC fits an affine map, then (finer resolution, smaller radius, twice) the requested model to
+   the correspondences of all frame pairs. A homography's perspective terms are kept only when they predict
+   held-out parts of the frame better than an affine map (spatial cross-validation); otherwise the result is affine.
+   The hypothesis with the most consistent support wins.
 
-The result carries its own confidence (inlier count and ratio, the coarse peak's distinctiveness, structure
-correlation after registration). When the images share too little structure, :class:`CalibrationError` says so
+The result carries its own confidence (from the consistent-match count and ratio and the coarse peak's
+distinctiveness). When the images share too little structure, :class:`CalibrationError` says so
 instead of returning a guess.
 """
 from __future__ import annotations
@@ -476,6 +479,8 @@ class AutoConfig:
     min_inlier_ratio: float = 0.3
     min_distinct: float = 3.5
     min_confidence: float = 0.35
+    verify_patch: int = 41  # patch size (px at half the fine resolution) when verifying a coarse hypothesis
+    verify_step: int = 14  # grid step of those patches
     perspective_gain: float = 0.9  # keep perspective terms only if they cut the cross-validated error below this x affine
 
 
@@ -484,39 +489,19 @@ def confidence_score(n_inliers: int, ratio: float, distinct: float) -> float:
     return float(min(1.0, n_inliers / 40.0) ** 0.5 * min(1.0, ratio / 0.6) * min(1.0, distinct / 8.0) ** 0.5)
 
 
-def _spatial_cv(src: np.ndarray, dst: np.ndarray, model: str) -> float:
-    """RMS error predicting each quadrant's (and each half's) matches from a fit to the others."""
-    cx, cy = np.median(src, axis=0)
-    folds = [(src[:, 0] < cx) & (src[:, 1] < cy), (src[:, 0] >= cx) & (src[:, 1] < cy),
-             (src[:, 0] < cx) & (src[:, 1] >= cy), (src[:, 0] >= cx) & (src[:, 1] >= cy),
-             src[:, 0] < cx, src[:, 0] >= cx, src[:, 1] < cy, src[:, 1] >= cy]
-    errs = []
-    for held in folds:
-        if held.sum() < 3 or (~held).sum() < 8:
-            continue
-        try:
-            M, _, _ = fit_points(src[~held], dst[~held], model, None)
-        except CalibrationError:
-            return float("inf")
-        errs.append(np.sum((project(M, src[held]) - dst[held]) ** 2, axis=1))
-    return float(np.sqrt(np.mean(np.concatenate(errs)))) if errs else float("inf")
-
-
-def _refuse(detail: str) -> CalibrationError:
-    return CalibrationError(f"the IR and visible images share too little structure: {detail}; use frames with clear "
-                            "outlines (buildings, poles, road edges, vehicles) or give point pairs with --points")
-
-
 def _refine(pairs, H: np.ndarray, cfg: AutoConfig, log, tag: str = "") -> tuple[np.ndarray, dict, float]:
     """Patch matching + RANSAC rounds from ``H``: affine at half resolution (radius 12), then the requested model
     at the fine resolution (radius 6, then 3). Returns (matrix, stats of the last round, support score)."""
     vis_long = max(pairs[0][1].shape[:2])
     side1, side2 = min(vis_long, cfg.fine_side // 2), min(vis_long, cfg.fine_side)
-    rounds = [(side1, 12, 14, 1.5, "affine"), (side2, 6, None, 1.5, cfg.model), (side2, 3, None, 1.0, cfg.model)]
+    rounds = [(side1, 12, cfg.verify_step, 1.5, "affine"), (side2, 6, None, 1.5, cfg.model),
+              (side2, 3, None, 1.0, cfg.model)]
     stats: dict = {}
     support = 0.0
     for k, (side, radius, step, sigma, model) in enumerate(rounds):
-        parts = [_match_patches(ir, vis, H, side, radius, step=step, min_ncc=0.2, sigma=sigma) for ir, vis in pairs]
+        patch = cfg.verify_patch if k == 0 else 41
+        parts = [_match_patches(ir, vis, H, side, radius, patch=patch, step=step, min_ncc=0.2, sigma=sigma)
+                 for ir, vis in pairs]
         src = np.vstack([p[0] for p in parts])
         dst = np.vstack([p[1] for p in parts])
         thr = cfg.ransac_px * vis_long / side  # in visible full-resolution px
@@ -623,6 +608,8 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
     support, H, stats, cand = best
     info = {"pairs": len(pairs), "coarse_scale": cand.scale, "coarse_ncc": cand.score,
             "coarse_distinct": cand.distinct, **stats}
+    if stats.get("matches", 0) < cfg.min_inliers:
+        raise _refuse(f"only {stats.get('matches', 0)} patch match(es) found (need {cfg.min_inliers})")
     if stats.get("inliers", 0) < cfg.min_inliers or stats.get("inlier_ratio", 0.0) < cfg.min_inlier_ratio:
         raise _refuse(f"only {stats.get('inliers', 0)} of {stats.get('matches', 0)} patch matches agree on one "
                       f"mapping (need {cfg.min_inliers} and {cfg.min_inlier_ratio:.0%})")

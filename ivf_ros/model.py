@@ -1,11 +1,12 @@
 """The student network the node runs: IR + visible luminance in, fused luminance and class logits out.
 
 The network looks at the pair at a quarter of its resolution and predicts, per low-resolution pixel, how to mix
-the two sources (a base/detail decomposition, as in decomposition-based fusion). The mixing coefficients are
-upsampled bilinearly and applied to the full-resolution images, so the output keeps every source pixel's detail,
-has exactly the input size, and costs only a few element-wise operations at full resolution.
+the two sources: a pixel-wise maximum (the strongest trivial fusion) corrected by a base/detail decomposition, as
+in decomposition-based fusion. The mixing coefficients are upsampled bilinearly and applied to the
+full-resolution images, so the output keeps every source pixel's detail, has exactly the input size, and costs
+only a few element-wise operations at full resolution.
 
-    fused = a_ir * base(ir) + a_vis * base(vis) + c + k_ir * detail(ir) + k_vis * detail(vis)
+    fused = m * max(ir, vis) + a_ir * base(ir) + a_vis * base(vis) + c + k_ir * detail(ir) + k_vis * detail(vis)
 
 where base() is a smooth low-pass image and detail() = image - base(). The segmentation head shares the encoder
 and decoder features and predicts class logits at a quarter of the resolution, upsampled to the input size.
@@ -19,8 +20,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 ARCHITECTURE = "ivf_coeffnet"
 
-# Offsets that make a freshly initialised network an average fusion with full detail from both sources.
-_COEFF_OFFSET = (0.5, 0.5, 0.0, 1.0, 1.0)
+# Offsets (m, a_ir, a_vis, c, k_ir, k_vis) that make a freshly initialised network a pixel-wise max fusion.
+_COEFF_OFFSET = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -52,10 +53,11 @@ class FusionStudent(nn.Module):
         self.enc4 = nn.Sequential(_block(w, 2 * w, stride=2), _block(2 * w, 2 * w))  # 1/4
         self.enc8 = nn.Sequential(_block(2 * w, 4 * w, stride=2), _block(4 * w, 4 * w))  # 1/8
         self.enc16 = nn.Sequential(_block(4 * w, 4 * w, stride=2), _block(4 * w, 4 * w))  # 1/16, context
-        self.dec8 = _block(8 * w, 4 * w)
-        self.dec4 = _block(6 * w, 2 * w)
+        self.reduce16 = nn.Conv2d(4 * w, 2 * w, 1)  # 1x1 before upsampling keeps the decoder cheap
+        self.dec8 = _block(6 * w, 2 * w)
+        self.dec4 = _block(4 * w, 2 * w)
         self.coeff_head = nn.Conv2d(2 * w, len(_COEFF_OFFSET), 3, padding=1)
-        self.seg_head = nn.Sequential(_block(2 * w, 2 * w), nn.Conv2d(2 * w, num_classes, 1))
+        self.seg_head = nn.Conv2d(2 * w, num_classes, 1)
         nn.init.zeros_(self.coeff_head.weight)
         nn.init.zeros_(self.coeff_head.bias)
         self.register_buffer("coeff_offset", torch.tensor(_COEFF_OFFSET).view(1, -1, 1, 1), persistent=False)
@@ -78,7 +80,7 @@ class FusionStudent(nn.Module):
         f4 = self.enc4(f2)
         f8 = self.enc8(f4)
         f16 = self.enc16(f8)
-        up = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
+        up = F.interpolate(self.reduce16(f16), size=f8.shape[-2:], mode="bilinear", align_corners=False)
         d8 = self.dec8(torch.cat([up, f8], dim=1))
         up = F.interpolate(d8, size=f4.shape[-2:], mode="bilinear", align_corners=False)
         return self.dec4(torch.cat([up, f4], dim=1))
@@ -88,11 +90,12 @@ class FusionStudent(nn.Module):
         size = ir.shape[-2:]
         coeff = self.coeff_head(feats) + self.coeff_offset
         coeff = F.interpolate(coeff, size=size, mode="bilinear", align_corners=False)
-        a_ir, a_vis, c, k_ir, k_vis = coeff.unbind(dim=1)
+        m, a_ir, a_vis, c, k_ir, k_vis = coeff.unbind(dim=1)
         base = base_layer(torch.cat([ir, vis_y], dim=1))
         b_ir, b_vis = base.unbind(dim=1)
-        d_ir, d_vis = ir[:, 0] - b_ir, vis_y[:, 0] - b_vis
-        fused = a_ir * b_ir + a_vis * b_vis + c + k_ir * d_ir + k_vis * d_vis
+        ir1, vis1 = ir[:, 0], vis_y[:, 0]
+        fused = m * torch.maximum(ir1, vis1) + a_ir * b_ir + a_vis * b_vis + c
+        fused = fused + k_ir * (ir1 - b_ir) + k_vis * (vis1 - b_vis)
         return fused.unsqueeze(1).clamp(0.0, 1.0)
 
     def segment_with(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

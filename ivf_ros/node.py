@@ -7,6 +7,7 @@ itself (parameter ``autostart``).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
 
 from . import ros_image
+from .backends import BACKENDS
 from .checkpoint import default_checkpoint, read_metadata
 from .imageops import IRNormalizer
 from .pipeline import FusionPipeline, resolve_device
@@ -95,6 +97,12 @@ PARAMETERS = {
     "checkpoint": _Param("", "fusion checkpoint (.safetensors); empty = the shipped model", live=False),
     "device": _Param("auto", "auto, cpu, cuda or cuda:N", live=False),
     "half": _Param(False, "float16 inference (CUDA only; ignored on CPU)", live=False),
+    "backend": _Param("torch", "inference backend: torch (eager), compile (torch.compile), onnxruntime, "
+                      "tensorrt (ONNX Runtime's TensorRT provider, CUDA only)", choices=BACKENDS, live=False),
+    "onnx_path": _Param("", "ONNX file from 'ivf export' for the onnxruntime and tensorrt backends; empty = export "
+                        "the checkpoint in memory once per input size", live=False),
+    "threads": _Param(0, "torch CPU threads, set at configure (also ONNX Runtime's pool); 0 = torch's default",
+                      int_range=(0, 64), live=False),
     "autostart": _Param(True, "configure and activate at start-up", read_only=True),
     "input.reliability": _Param("best_effort", "input QoS: best_effort (SensorData) or reliable",
                                 choices=("best_effort", "reliable"), live=False),
@@ -144,6 +152,10 @@ def build_settings(values: dict) -> Settings:
         if spec.choices and values[name] not in spec.choices:
             raise ValueError(f"{name} must be one of {', '.join(spec.choices)}, not '{values[name]}'")
     resolve_device(values["device"])
+    if values["backend"] in ("onnxruntime", "tensorrt") and importlib.util.find_spec("onnxruntime") is None:
+        raise ValueError(f"backend '{values['backend']}' needs the onnxruntime package, which is not installed")
+    if values["onnx_path"] and not Path(values["onnx_path"]).expanduser().is_file():
+        raise ValueError(f"onnx_path: {values['onnx_path']}: no such ONNX file")
     for key, mode in (("ir.fixed_range", "fixed"), ("ir.percentiles", "percentile")):
         if len(values[key]) != 2:
             raise ValueError(f"{key} must be [low, high], got {len(values[key])} numbers")
@@ -288,6 +300,7 @@ class FusionNode(LifecycleNode):
     @_transition
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.settings = build_settings(self._values())
+        self._set_threads()
         read_metadata(self.settings.values["checkpoint"] or default_checkpoint())
         for name, kind, qos in (("~/fused", Image, OUTPUT_QOS), ("~/labels", Image, OUTPUT_QOS),
                                 ("~/labels_color", Image, OUTPUT_QOS), ("~/class_names", String, LATCHED_QOS)):
@@ -301,8 +314,14 @@ class FusionNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.settings = build_settings(self._values())
         values = self.settings.values
+        self._set_threads()  # threads may have changed while inactive
+        onnx_path = str(Path(values["onnx_path"]).expanduser()) if values["onnx_path"] else None
+        if onnx_path and values["backend"] not in ("onnxruntime", "tensorrt"):
+            self.get_logger().warning(f"onnx_path is ignored by backend '{values['backend']}'")
+            onnx_path = None
         self.pipeline = FusionPipeline(values["checkpoint"] or None, values["device"], values["half"],
-                                       self.settings.normalizer, self.settings.registration)
+                                       self.settings.normalizer, self.settings.registration,
+                                       backend=values["backend"], onnx_path=onnx_path)
         names = {"classes": self.pipeline.classes, "palette": self.pipeline.palette}
         self._outputs["~/class_names"].publish(String(data=json.dumps(names)))
         reliability = ReliabilityPolicy.RELIABLE if values["input.reliability"] == "reliable" \
@@ -335,6 +354,11 @@ class FusionNode(LifecycleNode):
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         return self.on_cleanup(state)
 
+    def _set_threads(self) -> None:
+        threads = self.settings.values["threads"]
+        if threads > 0 and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
     def _stop(self) -> None:
         """Stop taking images and release the model (and its GPU memory)."""
         for sub in self._inputs:
@@ -366,15 +390,15 @@ class FusionNode(LifecycleNode):
         return values
 
     def _on_set_parameters(self, params) -> SetParametersResult:
+        try:
+            settings = build_settings(self._values(params))
+        except ValueError as exc:
+            return SetParametersResult(successful=False, reason=" ".join(str(exc).split()))
         if self._active:
             frozen = [p.name for p in params if p.name in PARAMETERS and not PARAMETERS[p.name].live]
             if frozen:
                 return SetParametersResult(
                     successful=False, reason=f"{', '.join(frozen)} can only change while the node is inactive")
-        try:
-            settings = build_settings(self._values(params))
-        except ValueError as exc:
-            return SetParametersResult(successful=False, reason=" ".join(str(exc).split()))
         if self.settings is not None:
             self._apply(settings)
         return SetParametersResult(successful=True)
@@ -553,6 +577,7 @@ class FusionNode(LifecycleNode):
             "synchroniser resets": sync.resets if sync else 0,
             "synchroniser": type(sync).__name__ if sync else "",
             "device": self._device_name(),
+            "backend": self.get_parameter("backend").value,
         }
         for label, samples in (("latency", self._latency), ("processing", self._processing)):
             if samples:

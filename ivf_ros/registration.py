@@ -79,7 +79,7 @@ class Registration:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.write_text("# IR -> visible registration (ivf_ros). homography maps IR pixels to visible pixels.\n"
-                        + yaml.safe_dump(self.to_dict(), sort_keys=False))
+                        + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None))
         return path
 
     @classmethod

@@ -1,8 +1,9 @@
-"""Launch fusion_node: ``ros2 launch ivf_ros fusion.launch.py ir_topic:=/thermal/image_raw device:=cuda``.
+"""Launch fusion_node: ``ros2 launch ivf_ros fusion.launch.py ir_topic:=/thermal/image_raw device:=cuda``
+(add ``backend:=onnxruntime`` or ``backend:=tensorrt`` to change the inference backend).
 
 Sets FASTDDS_DEFAULT_PROFILES_FILE to the shipped large-image profile unless it is already set, so the node (and
-anything else started from this launch) can move full-size images over best-effort QoS. ``checkpoint`` and
-``device`` override the parameters file only when given.
+anything else started from this launch) can move full-size images over best-effort QoS. ``checkpoint``,
+``device`` and ``backend`` override the parameters file only when given.
 """
 import os
 
@@ -14,7 +15,7 @@ from launch_ros.actions import Node
 
 
 def _node(context):
-    overrides = {name: LaunchConfiguration(name).perform(context) for name in ("checkpoint", "device")}
+    overrides = {name: LaunchConfiguration(name).perform(context) for name in ("checkpoint", "device", "backend")}
     return [Node(
         package="ivf_ros",
         executable="fusion_node",
@@ -34,6 +35,7 @@ def generate_launch_description():
         "visible_topic": ("visible/image", "visible sensor_msgs/Image topic"),
         "checkpoint": ("", "fusion checkpoint (.safetensors); empty = as in params_file"),
         "device": ("", "auto, cpu, cuda or cuda:N; empty = as in params_file"),
+        "backend": ("", "torch, compile, onnxruntime or tensorrt; empty = as in params_file"),
         "params_file": (os.path.join(share, "config", "fusion.yaml"), "node parameters file"),
         "namespace": ("", "namespace of the node"),
     }

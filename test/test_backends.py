@@ -37,7 +37,7 @@ def random_student(seed: int = 0) -> FusionStudent:
             bn.momentum = None  # running statistics = plain averages over the calibration batch
         model.train()(ir, vis_y)
         _, logits = model.eval()(ir, vis_y)
-        model.seg_head[1].bias -= logits.mean((0, 2, 3))
+        model.seg_head.bias -= logits.mean((0, 2, 3))
     return model
 
 

@@ -225,7 +225,7 @@ def test_live_replay_through_the_real_node(tmp_path, monkeypatch):
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     src = tmp_path / "in"
     bag.write_camera_bag(src, array_streams(12, 12, offset=0.01, skip_vis=(5,), size=(96, 72)))
-    report = bag.evaluate_live(src, tmp_path / "live", device="cpu", domain_id=domain, startup_timeout=90,
+    report = bag.evaluate_live(src, tmp_path / "live", device="cpu", domain_id=domain, startup_timeout=90, rate=0.2,
                                progress=False)
     assert report["sync"]["expected_pairs"] == 11
     assert report["replay"]["messages"]["/visible/image"] == 11

@@ -113,6 +113,22 @@ def test_auto_on_synthetic_cross_modal_scene():
     assert info["confidence"] > 0.5
 
 
+def test_auto_pools_several_pairs_of_one_rig(tmp_path):
+    # two scenes seen by the same rig; the CLI takes the two folders and pools their evidence
+    A = np.array([[0.9, 0.0, 12.0], [0.0, 0.9, 8.0], [0, 0, 1.0]])
+    for k in range(2):
+        ir_a, vis = scene(240, 320, seed=10 + k)
+        for sub, img in (("ir", cv2.warpPerspective(ir_a, A, (300, 220))), ("vis", vis)):
+            (tmp_path / sub).mkdir(exist_ok=True)
+            cv2.imwrite(str(tmp_path / sub / f"f{k}.png"), img)
+    rc = _cli(["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vis"), "--out", str(tmp_path / "h.yaml"),
+               "--model", "affine"])
+    assert rc == 0
+    reg = Registration.load(tmp_path / "h.yaml")
+    assert reg.method == "auto-affine" and reg.ir_size == (300, 220) and reg.vis_size == (320, 240)
+    assert corner_error(reg.matrix, np.linalg.inv(A), 300, 220) < 1.5
+
+
 G_WARP = np.array([[0.9, 0.03, 30.0], [-0.02, 0.92, 20.0], [3e-5, 1e-5, 1.0]])
 
 
@@ -224,3 +240,30 @@ def test_cli_refusal_exit_code(tmp_path, capsys):
     assert rc == calibrate_tool.EXIT_REFUSED
     assert "too little structure" in capsys.readouterr().err
     assert not (tmp_path / "h.yaml").exists()
+
+
+def test_eval_tool_on_a_small_fake_data_tree(tmp_path):
+    from ivf_ros.tools import registration_eval
+    import json
+    root = tmp_path / "data"
+    ir, vis = scene(seed=12)
+    A = np.array([[1.03, 0.01, -6.0], [-0.01, 1.02, 5.0], [0, 0, 1.0]])
+    for sub, img in (("ir", ir), ("ir_warp", cv2.warpPerspective(ir, A, (480, 360))), ("vi", vis)):
+        (root / "misaligned" / "msrs" / sub).mkdir(parents=True)
+        cv2.imwrite(str(root / "misaligned" / "msrs" / sub / "p1.png"), img)
+    big_vis = cv2.resize(vis, (960, 720))[40:, 60:]  # other field of view: a plain resize misaligns
+    for sub, img in (("ir_raw", ir), ("vi_hr", big_vis)):
+        (root / "roadscene_unregistered" / sub).mkdir(parents=True)
+        cv2.imwrite(str(root / "roadscene_unregistered" / sub / "f1.png"), img)
+    p = argparse.ArgumentParser()
+    registration_eval.add_arguments(p)
+    out = tmp_path / "out"
+    rc = registration_eval.run(p.parse_args(["--data", str(root), "--datasets", "msrs", "unregistered",
+                                             "--out", str(out), "--overlays", "1"]))
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    ms, un = res["summary"]
+    assert ms["dataset"] == "misaligned/msrs" and ms["mae_improved"] == 1 and ms["mae_after"] < ms["mae_before"]
+    assert un["refused"] == 0 and un["edge_after"] > un["edge_before"]
+    assert "misaligned/msrs" in (out / "table.md").read_text()
+    assert (out / "overlays" / "unregistered_f1.png").is_file()

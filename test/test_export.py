@@ -1,7 +1,6 @@
 """``ivf export --format onnx``: the graph matches torch within 1e-3 relative on a real checkpoint file."""
 import json
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -68,6 +67,10 @@ def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert export(checkpoint, tmp_path, "--dynamic", "--size", "130x93")[0] == 2
     assert "multiple of 4" in capsys.readouterr().err
     assert cli.main(["export", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf \xff\xff")
+    with pytest.raises(ValueError, match="not a readable ONNX file"):
+        make_backend("onnxruntime", None, onnx_path=garbage)
 
 
 def test_mismatch_is_reported(checkpoint, tmp_path):

@@ -23,13 +23,13 @@ def test_network_output_has_exactly_the_input_size(h, w):
     assert float(fused.min()) >= 0.0 and float(fused.max()) <= 1.0
 
 
-def test_fresh_network_is_average_fusion_with_detail():
-    """The coefficient head starts at zero: a_ir = a_vis = 0.5, full detail from both sources."""
+def test_fresh_network_is_max_fusion():
+    """The coefficient head starts at zero, so training starts from the pixel-wise maximum of the sources."""
     model = FusionStudent(width=8).eval()
-    ir, vis = torch.full((1, 1, 64, 64), 0.8), torch.full((1, 1, 64, 64), 0.2)
+    ir, vis = torch.rand(1, 1, 64, 48), torch.rand(1, 1, 64, 48)
     with torch.no_grad():
         fused, _ = model(ir, vis)
-    assert torch.allclose(fused, torch.full_like(fused, 0.5), atol=1e-5)
+    assert torch.allclose(fused, torch.maximum(ir, vis), atol=1e-5)
 
 
 def test_folded_batchnorm_gives_the_same_output():

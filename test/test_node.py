@@ -1,5 +1,6 @@
 """fusion_node over real DDS: the node runs in this process (and as subprocesses), the test talks to it through
 topics, /rosout, /diagnostics and the parameter and lifecycle services. Random domain id per run."""
+import importlib.util
 import json
 import os
 import random
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rclpy
+import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.srv import GetState
 from rcl_interfaces.msg import Log
@@ -316,6 +318,10 @@ def test_diagnostics_on_the_topic(ros):
     ("registration.file", "/nonexistent/h.yaml", "no such homography file"),
     ("sync.slop", 5.0, "out of range"),
     ("device", "cpu", "device can only change while the node is inactive"),
+    ("backend", "onnxruntime", "backend can only change while the node is inactive"),
+    ("backend", "tflite", "backend must be one of torch, compile, onnxruntime, tensorrt, not 'tflite'"),
+    ("onnx_path", "/nonexistent/model.onnx", "onnx_path: /nonexistent/model.onnx: no such ONNX file"),
+    ("threads", 65, "out of range"),
 ])
 def test_bad_parameters_are_rejected_with_a_reason(ros, name, value, reason):
     node, _ = ros
@@ -345,6 +351,69 @@ def test_parameters_over_the_service_apply_live(ros, tmp_path):
     assert node.pipeline.registration.ir_size == (160, 120)
     assert set_remote("registration.file", "").successful and node.pipeline.registration.matrix[0, 2] == 12.0
     assert set_remote("sync.slop", 0.04).successful and node.sync.slop == 0.04
+
+
+def _set_remote(h, name, value):
+    """Set one fusion_node parameter through its service, as ``ros2 param set`` does; returns the result."""
+    client = h.node.create_client(SetParameters, "fusion_node/set_parameters")
+    try:
+        assert client.wait_for_service(timeout_sec=5.0)
+        future = client.call_async(SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()]))
+        assert h.wait(future.done, timeout=5.0)
+        return future.result().results[0]
+    finally:
+        h.node.destroy_client(client)
+
+
+def test_invalid_backend_is_rejected_at_run_time_and_the_node_keeps_running(ros):
+    node, h = ros
+    result = _set_remote(h, "backend", "tflite")
+    assert not result.successful and "backend must be one of torch, compile, onnxruntime, tensorrt" in result.reason
+    assert node.get_parameter("backend").value == "torch" and node.pipeline is not None
+    start = h.count("fused")
+    stamp = h.pair(_ir16(120, 160), "mono16", _bgr(120, 160), "bgr8")
+    assert h.wait(lambda: any(_stamp_ns(m) == stamp for m in h.since("fused", start)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
+def test_onnxruntime_backend_fuses_over_dds(ros, monkeypatch):
+    context = ros[0].context
+    calls = []
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), set_threads(n)))
+    torch.set_num_threads(2)  # restored to the session's 1 by the node's threads:=1
+    node = FusionNode(context=context, namespace="/ort", parameter_overrides=[
+        Parameter("backend", value="onnxruntime"), Parameter("threads", value=1), Parameter("device", value="cpu")])
+    h = Harness(context, namespace="/ort")
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    executor.add_node(h.node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        assert node.start(), node.failure
+        assert calls[-1] == 1 and torch.get_num_threads() == 1
+        assert type(node.pipeline.backend).__name__ == "OnnxRuntimeBackend"
+        assert h.wait(lambda: h.ir.get_subscription_count() and h.vis.get_subscription_count())
+        sent = []
+
+        def fused_one():  # the first pair of a size exports the graph (seconds); later ones reuse it
+            sent.append(h.pair(_ir16(48, 64), "mono16", _bgr(96, 128), "bgr8"))
+            return h.wait(lambda: h.count("fused") > 0 and h.count("labels") > 0, timeout=1.0)
+
+        assert h.wait(fused_one, timeout=25.0)
+        fused, labels = h.got["fused"][0], h.got["labels"][0]
+        assert (fused.encoding, fused.width, fused.height) == ("bgr8", 128, 96) and _stamp_ns(fused) in sent
+        assert (labels.encoding, labels.width, labels.height) == ("mono8", 128, 96)
+        assert ros_image.image_to_array(labels).max() < len(node.pipeline.classes)
+        assert _value(node.diagnostics(), "pairs fused") >= 1
+        assert {kv.key: kv.value for kv in node.diagnostics().values}["backend"] == "onnxruntime"
+    finally:
+        executor.shutdown()
+        node._stop()
+        node.destroy_node()
+        h.node.destroy_node()
+        set_threads(threads)
 
 
 def test_deactivate_releases_the_model_and_activate_resumes(ros):

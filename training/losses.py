@@ -5,7 +5,8 @@ structural (SSIM) term towards both sources:
 
 * intensity: L1 to the element-wise maximum of the sources (keeps warm targets and bright visible content);
 * gradient:  L1 between |Sobel(F)| and max(|Sobel(IR)|, |Sobel(VIS)|) (keeps the strongest texture of either);
-* ssim:      1 - (SSIM(F, IR) + SSIM(F, VIS)) / 2 (keeps the structure of both).
+* ssim:      1 - (SSIM(F, IR) + SSIM(F, VIS)) / 2 (keeps the structure of both);
+* gradient_vector (optional): L1 to the gradient vector of the locally dominant source (edge orientation too).
 """
 from __future__ import annotations
 
@@ -14,14 +15,25 @@ import torch.nn.functional as F
 
 from .datasets import IGNORE
 
-def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
-    """|Sobel_x| + |Sobel_y| with replicated borders (separable, by slicing: cheap on the CPU)."""
+def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sobel (gx, gy) with replicated borders (separable, by slicing: cheap on the CPU)."""
     p = F.pad(x, (1, 1, 1, 1), mode="replicate")
     smooth_v = p[..., :-2, :] + 2 * p[..., 1:-1, :] + p[..., 2:, :]
     smooth_h = p[..., :, :-2] + 2 * p[..., :, 1:-1] + p[..., :, 2:]
-    gx = smooth_v[..., :, 2:] - smooth_v[..., :, :-2]
-    gy = smooth_h[..., 2:, :] - smooth_h[..., :-2, :]
+    return smooth_v[..., :, 2:] - smooth_v[..., :, :-2], smooth_h[..., 2:, :] - smooth_h[..., :-2, :]
+
+
+def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
+    gx, gy = sobel(x)
     return gx.abs() + gy.abs()
+
+
+def dominant_gradient_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """L1 between the fused gradient vector and, per pixel, the gradient vector of the source whose edge is
+    stronger: strength and orientation, which is what the Qabf edge-preservation metric measures."""
+    (fx, fy), (ix, iy), (vx, vy) = sobel(fused), sobel(ir), sobel(vis)
+    ir_wins = ix.abs() + iy.abs() >= vx.abs() + vy.abs()
+    return F.l1_loss(fx, torch.where(ir_wins, ix, vx)) + F.l1_loss(fy, torch.where(ir_wins, iy, vy))
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:
@@ -37,12 +49,15 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:
 
 
 def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor, weights: dict) -> dict[str, torch.Tensor]:
-    """Weighted fusion loss terms; ``weights`` keys: intensity, gradient, ssim. Returns terms and 'total'."""
+    """Weighted fusion loss terms; ``weights`` keys: intensity, gradient, ssim, gradient_vector.
+    Returns the terms and their weighted sum as 'total'."""
     terms = {
         "intensity": F.l1_loss(fused, torch.maximum(ir, vis)),
         "gradient": F.l1_loss(sobel_magnitude(fused), torch.maximum(sobel_magnitude(ir), sobel_magnitude(vis))),
         "ssim": 1.0 - 0.5 * (ssim(fused, ir) + ssim(fused, vis)),
     }
+    if weights.get("gradient_vector"):
+        terms["gradient_vector"] = dominant_gradient_loss(fused, ir, vis)
     terms["total"] = sum(weights.get(k, 0.0) * v for k, v in terms.items())
     return terms
 

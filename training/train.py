@@ -3,7 +3,8 @@
     python -m training.train --config training/configs/student.yaml [--resume] [--steps N] [--out DIR]
 
 Writes ``OUT/last.pt`` (resumable training state), ``OUT/best.safetensors`` (the best checkpoint by the
-validation score, in the shipped format) and ``OUT/log.jsonl`` (one line per validation).
+validation score, in the shipped format), ``OUT/log.jsonl`` (one line per validation) and ``OUT/losses.jsonl``
+(one line per step).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import yaml
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
-from ivf_ros.checkpoint import save_checkpoint
+from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.data import data_root, msrs_split
 from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
 
@@ -63,6 +64,11 @@ def load_split(entry: dict, classes: list[str]):
     return samples
 
 
+def resolve_repo_path(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else Path(__file__).resolve().parent.parent / p
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -96,6 +102,8 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
                         num_workers=int(tc.get("workers", 0)),
                         generator=torch.Generator().manual_seed(int(cfg.get("seed", 0))))
     model = build_model(ARCHITECTURE, {"num_classes": len(classes), **cfg["model"]})
+    if cfg.get("init"):  # fine-tune from a checkpoint of the same architecture
+        model.load_state_dict(load_checkpoint(resolve_repo_path(cfg["init"]))[0].state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc.get("weight_decay", 1e-4))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc["lr"], total_steps=tc["steps"], pct_start=0.1)
     class_weights = torch.tensor(wl["class_weights"], dtype=torch.float32) if wl.get("class_weights") else None
@@ -109,7 +117,23 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
         step, best = int(state["step"]), json.loads(state["best"])
     bar = tqdm(total=tc["steps"], initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     batches = iter(loader)
+
+    def validate_and_keep_best():
+        nonlocal best
+        metrics = validate(model, val_samples, classes, progress=False)
+        metrics["score"] = selection_score(metrics)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if metrics["score"] > best["score"]:
+            best = {"step": step, **metrics}
+            save_checkpoint(out / "best.safetensors", model, checkpoint_metadata(cfg, model, best))
+        model.train()
+
+    if step == 0:
+        validate_and_keep_best()  # the starting point (max fusion, untrained head) is the bar to beat
     model.train()
+    losses = open(out / "losses.jsonl", "a")
     while step < tc["steps"]:
         try:
             ir, vis_y, _, target = next(batches)
@@ -127,19 +151,14 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", seg=f"{seg.item():.3f}")
+        losses.write(json.dumps({"step": step, "loss": loss.item(), "segmentation": seg.item(),
+                                 **{k: v.item() for k, v in terms.items() if k != "total"}}) + "\n")
         if step % tc["val_every"] == 0 or step == tc["steps"]:
-            metrics = validate(model, val_samples, classes, progress=False)
-            metrics["score"] = selection_score(metrics)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "loss": loss.item(), **metrics}) + "\n")
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-            if metrics["score"] > best["score"]:
-                best = {"step": step, **metrics}
-                save_checkpoint(out / "best.safetensors", model, checkpoint_metadata(cfg, model, best))
-            model.train()
+            validate_and_keep_best()
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "step": step, "best": json.dumps(best)}, state_path)
     bar.close()
+    losses.close()
     return best
 
 
@@ -156,6 +175,7 @@ def checkpoint_metadata(cfg: dict, model: torch.nn.Module, metrics: dict) -> dic
             "segmentation_targets": cfg.get("segmentation_targets", "box-derived masks (training/datasets.py)"),
             "prior_source": cfg.get("prior_source", "none (trained directly, no teacher)"),
             "steps": cfg["train"]["steps"],
+            "init": cfg.get("init"),
             "loss": cfg["loss"],
             "seed": cfg.get("seed", 0),
             "commit": git_commit(),

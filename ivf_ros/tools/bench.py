@@ -3,12 +3,16 @@
 For each size: ``pipeline`` is one pair from raw image bytes to output bytes (conversion in, IR normalisation,
 registration, fuse + segment, colour restore, conversion out), ``network`` is the backend alone on ready
 luminance images, ``sage`` is the published SAGE student architecture (random weights) on the same inputs with
-the same backend. Measurements are interleaved round-robin so that load from other processes hits all alike.
+the same backend and, for other backends than torch, ``sage_torch`` is it in PyTorch eager mode, as the
+authors' code runs it (BatchNorm folded, channels-last, inference mode). Measurements are interleaved
+round-robin so that load from other processes hits all alike.
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
+import sys
 from pathlib import Path
 
 import cv2
@@ -70,13 +74,21 @@ def run(args) -> int:
     pipe = FusionPipeline(args.checkpoint, args.device, args.half, backend=args.backend, onnx_path=args.onnx,
                           cuda_graphs=args.cuda_graphs)
     device = pipe.device
-    torch.manual_seed(0)
-    sage = None if args.no_sage else make_backend(args.backend, SageStudent(), device, pipe.half,
-                                                  cuda_graphs=args.cuda_graphs)
+    sages = {}
+    if not args.no_sage:
+        torch.manual_seed(0)
+        sages["sage"] = make_backend(args.backend, SageStudent(), device, pipe.half, cuda_graphs=args.cuda_graphs)
+        if args.backend != "torch":
+            torch.manual_seed(0)
+            sages["sage_torch"] = make_backend("torch", SageStudent(), device, pipe.half)
+    if device.type == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        print("note: OMP_WAIT_POLICY is not PASSIVE: on a busy CPU, spin-waiting torch threads slow torch down a lot "
+              "(see ivf_ros.backends)", file=sys.stderr)
     report = {
         "device": str(device), "device_name": device_name(device), "backend": args.backend, "half": pipe.half,
         "cuda_graphs": bool(args.cuda_graphs), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "onnxruntime": _onnxruntime_version(), "results": [],
+        "onnxruntime": _onnxruntime_version(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average_before": os.getloadavg()[0], "results": [],
     }
     for width, height in sizes:
         ir_bytes, vis_bytes = synthetic_pair(width, height)
@@ -91,16 +103,17 @@ def run(args) -> int:
         ir01 = pipe.registration.apply(pipe.ir_normalizer(np.frombuffer(ir_bytes, np.uint8).reshape(height, width)),
                                        vis_y.shape)
         functions = {"pipeline": (pipeline_pair, args.reps), "network": (lambda: pipe.infer(ir01, vis_y), args.reps)}
-        if sage is not None:
-            functions["sage"] = (lambda: sage(ir01, vis_y), args.sage_reps)
+        for name, sage in sages.items():
+            functions[name] = (lambda sage=sage: sage(ir01, vis_y), args.sage_reps)
         reset_peak_memory(device)
         timings = time_interleaved(functions, args.warmup, device)
         entry = {"size": f"{width}x{height}", "peak_memory_mb": round(peak_memory_mb(device), 1)}
         entry.update({name: t.summary() for name, t in timings.items()})
-        if sage is not None:
-            entry["sage_over_pipeline"] = round(timings["sage"].p50 / timings["pipeline"].p50, 2)
-            entry["sage_over_network"] = round(timings["sage"].p50 / timings["network"].p50, 2)
+        for name in sages:
+            entry[f"{name}_over_pipeline"] = round(timings[name].p50 / timings["pipeline"].p50, 2)
+            entry[f"{name}_over_network"] = round(timings[name].p50 / timings["network"].p50, 2)
         report["results"].append(entry)
+    report["load_average_after"] = os.getloadavg()[0]
     print_table(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -110,23 +123,28 @@ def run(args) -> int:
 
 
 def print_table(report: dict) -> None:
-    """Markdown table: one row per size and measured function."""
+    """Markdown table: one row per size and measured function, with SAGE's p50 over the row's p50 for SAGE on the
+    same backend and for SAGE in PyTorch eager mode."""
     device = f"{report['device_name']}, {report['threads']} threads" if report["device"] == "cpu" else \
         report["device_name"]
     backend = report["backend"] + (" fp16" if report["half"] else "") + (" graphs" if report["cuda_graphs"] else "")
-    print("| device | backend | size | what | ms p50 | ms p99 | FPS | SAGE p50 / this p50 |")
-    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
+    print("| device | backend | size | what | ms p50 | ms p99 | FPS | SAGE / this | SAGE torch eager / this |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for entry in report["results"]:
-        for name in ("pipeline", "network", "sage"):
+        eager = "sage_torch" if "sage_torch" in entry else "sage"
+        for name in ("pipeline", "network", "sage", "sage_torch"):
             if name not in entry:
                 continue
             t = entry[name]
-            ratio = f"{entry['sage']['p50_ms'] / t['p50_ms']:.1f}x" if "sage" in entry else "-"
-            print(f"| {device} | {backend} | {entry['size']} | {name} | {t['p50_ms']:.1f} | {t['p99_ms']:.1f} | "
-                  f"{t['fps']:.1f} | {ratio} |")
+            ratios = [f"{entry[ref]['p50_ms'] / t['p50_ms']:.1f}x" if ref in entry else "-" for ref in ("sage", eager)]
+            what = "sage (torch eager)" if name == "sage_torch" else name
+            print(f"| {device} | {backend} | {entry['size']} | {what} | {t['p50_ms']:.1f} | {t['p99_ms']:.1f} | "
+                  f"{t['fps']:.1f} | {' | '.join(ratios)} |")
     for entry in report["results"]:
         print(f"peak memory at {entry['size']}: {entry['peak_memory_mb']:.0f} MB "
               f"({'CUDA, allocated by torch' if report['device'] != 'cpu' else 'process resident'})")
+    print(f"load average (1 min) before / after: {report['load_average_before']:.1f} / "
+          f"{report['load_average_after']:.1f}")
 
 
 def device_name(device: torch.device) -> str:

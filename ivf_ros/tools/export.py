@@ -54,7 +54,8 @@ def check_against_torch(model: torch.nn.Module, path: Path, width: int, height: 
         fused, logits = model.eval().float().cpu()(*inputs)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_fused, onnx_labels = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
-    return {"fused": relative_error(onnx_fused, fused.numpy()), "labels": label_errors(onnx_labels[0], logits[0].numpy())}
+    return {"fused": relative_error(onnx_fused, fused.numpy()),
+            "labels": label_errors(onnx_labels[0], logits[0].numpy())}
 
 
 def run(args) -> int:

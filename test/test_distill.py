@@ -1,0 +1,126 @@
+"""Distillation runs of a few steps (SAGE with cached priors, text with real MiniLM) and the ablation table."""
+import json
+
+import pytest
+import torch
+
+from ivf_ros.checkpoint import load_checkpoint
+from ivf_ros.data import data_root
+from ivf_ros.model import FusionStudent
+from training import ablation
+from training.datasets import load_pairs
+from training.distill import distill, load_distill_config, semantic_contrast
+from training.priors import ClassicPriors, PriorCache
+from training.teachers import load_teacher
+
+torch.set_num_threads(1)
+MSRS = data_root() / "msrs"
+needs_data = pytest.mark.skipif(not MSRS.is_dir(), reason=f"shared data not found at {MSRS} (set IVF_DATA)")
+
+
+@pytest.fixture(scope="module")
+def tiny_msrs(tmp_path_factory):
+    """Four real MSRS pairs (links) in a folder named msrs, and their classic prior cache."""
+    root = tmp_path_factory.mktemp("data")
+    stems = sorted(p.stem for p in (MSRS / "ir").iterdir())[:4]
+    for sub, ext in (("ir", ".png"), ("vi", ".png"), ("boxes", ".txt")):
+        (root / "msrs" / sub).mkdir(parents=True)
+        for s in stems:
+            if (MSRS / sub / (s + ext)).exists():
+                (root / "msrs" / sub / (s + ext)).symlink_to(MSRS / sub / (s + ext))
+    PriorCache(root / "priors").build("msrs", load_pairs(root / "msrs"), ClassicPriors(),
+                                      {"source": "classic", "description": "test priors"}, progress=False)
+    return root
+
+
+def tiny_config(name: str, root, steps: int) -> dict:
+    cfg = load_distill_config(f"training/configs/distill_{name}.yaml")
+    cfg["data"] = [{"root": str(root / "msrs"), "layout": "pairs"}]
+    cfg["val"] = {"root": str(root / "msrs"), "layout": "pairs", "limit": 1}
+    cfg["priors"] = str(root / "priors")
+    cfg["text"] = {"descriptions": str(root / "descriptions.json")}
+    cfg["teacher"].update(warmup=2, hyper_parameters={**cfg["teacher"]["hyper_parameters"], "width": 8})
+    cfg["model"] = {"width": 8}
+    cfg["train"].update(steps=steps, batch=2, crop=64, val_every=1000, threads=1, device="cpu")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def sage_run(tiny_msrs):
+    out = tiny_msrs / "sage"
+    return out, distill(tiny_config("sage", tiny_msrs, 14), out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def text_run(tiny_msrs):
+    out = tiny_msrs / "text"
+    return out, distill(tiny_config("text", tiny_msrs, 3), out, progress=False)
+
+
+@needs_data
+def test_sage_distillation_lowers_its_loss_and_writes_a_node_checkpoint(sage_run):
+    out, result = sage_run
+    losses = [h["distill"] for h in result["history"]]
+    assert len(losses) == 14
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    student, meta = load_checkpoint(out / "best.safetensors")  # what the node loads
+    assert isinstance(student, FusionStudent)
+    assert meta["training"]["prior_source"] == "classic: test priors"
+    assert meta["training"]["teacher"]["name"] == "sage"
+    teacher, tmeta = load_teacher(out / "teacher.safetensors")
+    assert tmeta["conditioning"]["priors"].endswith("priors") and tmeta["prior_source"].startswith("classic")
+
+
+@needs_data
+def test_text_distillation_uses_minilm_embeddings_of_written_descriptions(text_run, tiny_msrs):
+    out, result = text_run
+    assert len(result["history"]) == 3 and all(torch.isfinite(torch.tensor(h["distill"])) for h in result["history"])
+    _, meta = load_checkpoint(out / "best.safetensors")
+    assert meta["training"]["teacher"]["name"] == "text"
+    assert "all-MiniLM-L6-v2" in meta["training"]["prior_source"]
+    table = json.loads((tiny_msrs / "descriptions.json").read_text())
+    assert len(table) == 4 and all(k.startswith("msrs/") for k in table)
+
+
+@pytest.fixture(scope="module")
+def fusionsam_run(tiny_msrs):
+    cfg = tiny_config("sage", tiny_msrs, 3)
+    cfg["teacher"].update(name="fusionsam", hyper_parameters={"width": 8, "codes": 32, "grid": 8, "sam_dim": 32})
+    cfg["distill"]["segment"] = 1.0
+    out = tiny_msrs / "fusionsam"
+    return out, distill(cfg, out, progress=False)
+
+
+@needs_data
+def test_fusionsam_teacher_distils_with_logit_term(fusionsam_run, tiny_msrs):
+    _, result = fusionsam_run
+    assert all(h["segment"] > 0 for h in result["history"])
+    _, meta = load_checkpoint(tiny_msrs / "fusionsam" / "best.safetensors")
+    assert meta["training"]["teacher"]["name"] == "fusionsam"
+    assert load_teacher(tiny_msrs / "fusionsam" / "teacher.safetensors")[1]["teacher"] == "fusionsam"
+
+
+@needs_data
+def test_ablation_table_on_one_pair(sage_run, text_run, fusionsam_run, tiny_msrs):
+    md = tiny_msrs / "ablation.md"
+    models = [f"sage_distilled={sage_run[0] / 'best.safetensors'}", f"sage_teacher={sage_run[0] / 'teacher.safetensors'}",
+              f"text_teacher={text_run[0] / 'teacher.safetensors'}",
+              f"fusionsam_teacher={fusionsam_run[0] / 'teacher.safetensors'}"]
+    args = ["--data", str(tiny_msrs / "msrs"), "--limit", "1", "--reps", "1", "--out", str(md)]
+    assert ablation.main(sum((["--model", m] for m in models), []) + args) == 0
+    text = md.read_text()
+    assert "### msrs (1 pairs)" in text
+    for row in ("| max | trivial fusion", "| sage_distilled | student distilled from sage teacher",
+                "| sage_teacher | sage teacher", "| text_teacher | text teacher",
+                "| fusionsam_teacher | fusionsam teacher"):
+        assert row in text, text
+    numbers = json.loads(md.with_suffix(".json").read_text())
+    assert "person_f1" in numbers["results"]["msrs"]["rows"]["sage_distilled"]
+
+
+def test_semantic_contrast_prefers_matching_features():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 16, 8, 8)
+    matched = semantic_contrast(teacher + 0.05 * torch.randn_like(teacher), teacher, samples=32)
+    unrelated = semantic_contrast(torch.randn_like(teacher), teacher, samples=32)
+    assert matched < 0.5 < unrelated

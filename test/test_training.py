@@ -1,0 +1,103 @@
+"""Training data layouts, box-derived masks, losses, and a short real training run."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ivf_ros.checkpoint import load_checkpoint
+from ivf_ros.data import data_root
+from training.datasets import IGNORE, CropDataset, box_mask, load_pairs
+from training.losses import fusion_loss, sobel_magnitude, ssim
+from training.train import load_config, train
+
+CLASSES = ["background", "person", "bicycle", "car"]
+DATA = data_root()
+needs_data = pytest.mark.skipif(not (DATA / "msrs").is_dir(), reason=f"shared data not found at {DATA} (set IVF_DATA)")
+
+
+def test_box_mask_fills_boxes_with_an_ignored_border():
+    mask = box_mask((100, 100), [(0, 10, 10, 50, 90), (2, 0, 0, 100, 100)])
+    assert mask[50, 30] == 1  # person inside the car box, drawn last (smaller)
+    assert mask[12, 30] == IGNORE  # border band of the person box
+    assert mask[85, 85] == 3 and mask[95, 95] == IGNORE and mask[0, 0] == IGNORE
+
+
+def _write(path, img):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+
+
+def test_pixel_label_layouts_map_onto_our_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    ir = rng.integers(0, 256, (40, 60), dtype=np.uint8)
+    vis = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    label = np.zeros((40, 60), np.uint8)
+    label[:, :20], label[:, 20:40], label[:, 40:] = 1, 2, 3  # MSRS/MFNet ids: car, person, bike
+    for stem in ("a", "b"):
+        _write(tmp_path / "msrs" / "ir" / f"{stem}.png", ir)
+        _write(tmp_path / "msrs" / "vi" / f"{stem}.png", vis)
+        _write(tmp_path / "msrs" / "Label" / f"{stem}.png", label)
+    samples = load_pairs(tmp_path / "msrs", "msrs", CLASSES)
+    assert [s.stem for s in samples] == ["a", "b"]
+    t = samples[0].target
+    assert (t[:, :20] == 3).all() and (t[:, 20:40] == 1).all() and (t[:, 40:] == 2).all()
+
+    fmb = np.zeros((40, 60), np.uint8)
+    fmb[:, :20], fmb[:, 20:40], fmb[:, 40:] = 8, 11, 1  # FMB: person, bus (-> car), road (-> background)
+    _write(tmp_path / "fmb" / "Infrared" / "x.png", ir)
+    _write(tmp_path / "fmb" / "Visible" / "x.png", vis)
+    _write(tmp_path / "fmb" / "Label" / "x.png", fmb)
+    t = load_pairs(tmp_path / "fmb", "fmb", CLASSES)[0].target
+    assert (t[:, :20] == 1).all() and (t[:, 20:40] == 3).all() and (t[:, 40:] == 0).all()
+
+    _write(tmp_path / "mfnet" / "images" / "m.png", np.dstack([vis, ir]))  # B, G, R, thermal
+    _write(tmp_path / "mfnet" / "labels" / "m.png", label)
+    s = load_pairs(tmp_path / "mfnet", "mfnet", CLASSES)[0]
+    assert np.array_equal(s.ir, ir) and np.array_equal(s.vis, vis) and (s.target[:, :20] == 3).all()
+    with pytest.raises(ValueError, match="layout"):
+        load_pairs(tmp_path / "msrs", "kitti", CLASSES)
+
+
+def test_crop_dataset_shapes_and_determinism():
+    rng = np.random.default_rng(1)
+    from training.datasets import Sample
+
+    samples = [Sample("s", rng.integers(0, 256, (70, 90), dtype=np.uint8),
+                      rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), None)]
+    ds = CropDataset(samples, crop=48, length=5, seed=3)
+    ir, vis_y, ycrcb, target = ds[2]
+    assert ir.shape == vis_y.shape == (1, 48, 48) and ycrcb.shape == (3, 48, 48)
+    assert (target == IGNORE).all()  # unlabelled pairs train fusion only
+    assert torch.equal(ds[2][0], ir)
+
+
+def test_losses_are_zero_or_one_where_they_should_be():
+    x = torch.rand(2, 1, 32, 32)
+    assert ssim(x, x).item() == pytest.approx(1.0, abs=1e-4)
+    assert sobel_magnitude(torch.ones(1, 1, 8, 8)).abs().max().item() == 0.0
+    terms = fusion_loss(torch.maximum(x, 1 - x), x, 1 - x, {"intensity": 1.0})
+    assert terms["intensity"].item() == pytest.approx(0.0)
+
+
+@needs_data
+def test_short_real_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
+    cfg = load_config("training/configs/student.yaml")
+    cfg["data"] = [{"root": "msrs", "layout": "pairs", "split": "train", "limit": 6}]
+    cfg["val"] = {"root": "msrs", "layout": "pairs", "split": "val", "limit": 2}
+    cfg["train"].update(steps=30, batch=4, crop=64, val_every=30, lr=0.01, threads=1)
+    torch.manual_seed(0)
+    train(cfg, tmp_path, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [0, 30]
+    losses = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    first, last = np.mean([x["loss"] for x in losses[:5]]), np.mean([x["loss"] for x in losses[-5:]])
+    assert last < first
+    model, meta = load_checkpoint(tmp_path / "best.safetensors")
+    assert meta["classes"] == CLASSES and meta["training"]["steps"] == 30
+    assert "VIF" in meta["validation"]
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["step"] == 30
+    yaml.safe_dump(meta)  # metadata stays plain data

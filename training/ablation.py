@@ -1,0 +1,183 @@
+"""Ablation table: directly trained vs distilled students vs their teachers (and trivial fusions).
+
+    python -m training.ablation --out runs/ablation.md \\
+        --model direct=runs/student/best.safetensors \\
+        --model sage_distilled=runs/distill_sage/best.safetensors \\
+        --model text_distilled=runs/distill_text/best.safetensors \\
+        --model sage_teacher=runs/distill_sage/teacher.safetensors \\
+        --model text_teacher=runs/distill_text/teacher.safetensors
+
+Evaluates on the MSRS validation part (``msrs_split``: 71 pairs, with person F1 from the boxes) and on TNO
+(25 pairs) at full resolution: fusion metrics, parameters and the median CPU time of one 640x480 forward pass.
+Teacher files are recognised by their metadata; their conditioning (prior cache or descriptions) is the one
+recorded at training time unless ``--priors`` / ``--descriptions`` say otherwise. Teacher times leave out the
+prior extraction (SAM or classic) and the text encoder. Writes the markdown table and ``<out>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ivf_ros.bench import time_interleaved
+from ivf_ros.checkpoint import load_checkpoint
+from ivf_ros.data import msrs_split
+from ivf_ros.metrics import BoxScorer, fusion_metrics, to_gray
+from ivf_ros.model import count_parameters
+
+from .datasets import Sample, load_pairs, to_tensors
+from .distill import PRIOR_TEACHERS, PriorCondition, TextCondition
+from .teachers import load_teacher, read_teacher_metadata
+from .text_priors import description_key
+from .train import resolve_root
+
+METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
+TRIVIAL = {"average": lambda ir, vis: np.round((ir + vis) / 2.0), "max": np.maximum}
+CLASSES = ["background", "person", "bicycle", "car"]
+
+
+def load_datasets(names: list[str], limit: int | None) -> dict[str, list[Sample]]:
+    """MSRS: its validation part; any other folder: all pairs. ``limit`` keeps the first N of each."""
+    out = {}
+    for name in names:
+        root = resolve_root(name)
+        samples = load_pairs(root, "pairs", CLASSES)
+        if root.name == "msrs":
+            val = set(msrs_split([s.stem for s in samples])[1])
+            samples = [s for s in samples if s.stem in val]
+        out[root.name] = samples[:limit] if limit else samples
+    return out
+
+
+class Entry:
+    """One row: a callable ``(key, sample, ir, vis_y) -> (fused, logits | None)`` plus what the table shows."""
+
+    def __init__(self, name: str, path: str, args, datasets):
+        self.name, self.path, self.condition = name, path, None
+        meta = read_teacher_metadata(path)
+        keyed = [(description_key(d, s.stem), s) for d, samples in datasets.items() for s in samples]
+        if meta is not None:
+            self.model, meta = load_teacher(path)
+            if meta["teacher"] in PRIOR_TEACHERS:
+                self.condition = PriorCondition(args.priors or meta["conditioning"]["priors"], keyed)
+            else:
+                self.condition = TextCondition(args.descriptions or meta["conditioning"]["descriptions"], keyed)
+            self.kind = f"{meta['teacher']} teacher"
+            self.source = self.condition.source
+        else:
+            self.model, meta = load_checkpoint(path)
+            training = meta.get("training", {})
+            teacher = training.get("teacher")
+            self.kind = f"student distilled from {teacher['name']} teacher" if teacher else "student (direct)"
+            self.source = training.get("prior_source", "not recorded")
+        self.model.eval()
+        self.parameters = count_parameters(self.model)
+
+    @torch.no_grad()
+    def __call__(self, key: str, s: Sample, ir: torch.Tensor, vis_y: torch.Tensor):
+        if self.condition is None:
+            return self.model(ir, vis_y)
+        fused, logits, _ = self.model(ir, vis_y, self.condition(key, s)[None])
+        return fused, logits
+
+    def cpu_ms(self, reps: int, key: str, s: Sample, size=(480, 640)) -> float:
+        ir, vis_y = torch.rand(1, 1, *size), torch.rand(1, 1, *size)
+        cond = None if self.condition is None else self.condition(key, s)[None]
+        if cond is not None and cond.ndim == 4:
+            cond = F.interpolate(cond, size=size, mode="nearest")
+        with torch.no_grad():
+            fn = (lambda: self.model(ir, vis_y)) if cond is None else (lambda: self.model(ir, vis_y, cond))
+            return time_interleaved({"m": (fn, reps)}, warmup=1)["m"].p50
+
+
+def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: bool = True) -> dict:
+    """Mean metrics per dataset and row; person F1 where boxes exist."""
+    results = {}
+    for dataset, samples in datasets.items():
+        sums = {name: dict.fromkeys(METRICS, 0.0) for name in [*TRIVIAL, *(e.name for e in entries)]}
+        scorers = {e.name: BoxScorer(CLASSES) for e in entries}
+        has_boxes = any(s.boxes is not None for s in samples)
+        for s in tqdm(samples, desc=dataset, disable=not progress):
+            ir, vis_y, _ = to_tensors(s.ir, s.vis)
+            ir_g, vis_g = s.ir.astype(np.float64), to_gray(s.vis)
+            fused = {name: f(ir_g, vis_g) for name, f in TRIVIAL.items()}
+            for e in entries:
+                out, logits = e(description_key(dataset, s.stem), s, ir[None], vis_y[None])
+                fused[e.name] = np.round(out[0, 0].numpy() * 255.0)
+                if s.boxes is not None:
+                    scorers[e.name].add(logits[0].argmax(0).numpy().astype(np.uint8), s.boxes)
+            for name, f in fused.items():
+                for k, v in fusion_metrics(ir_g, vis_g, f, METRICS).items():
+                    sums[name][k] += v
+        results[dataset] = {"pairs": len(samples), "rows": {
+            name: {**{k: v / max(1, len(samples)) for k, v in m.items()},
+                   **({"person_f1": scorers[name].summary()["person"]["f1"]} if has_boxes and name in scorers else {})}
+            for name, m in sums.items()}}
+    return results
+
+
+def markdown(results: dict, entries: list[Entry], timings: dict[str, float], threads: int) -> str:
+    info = {e.name: e for e in entries}
+    lines = []
+    for dataset, res in results.items():
+        lines += [f"### {dataset} ({res['pairs']} pairs)", "",
+                  f"| model | kind | params | CPU ms (640x480, {threads} thread{'s' if threads > 1 else ''}) | "
+                  + " | ".join(METRICS) + " | person F1 |",
+                  "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in METRICS) + " | ---: |"]
+        for name, row in res["rows"].items():
+            e = info.get(name)
+            kind, params = (e.kind, f"{e.parameters:,}") if e else ("trivial fusion", "0")
+            ms = f"{timings[name]:.1f}" if name in timings else "-"
+            f1 = f"{row['person_f1']:.3f}" if "person_f1" in row else "-"
+            lines.append(f"| {name} | {kind} | {params} | {ms} | " + " | ".join(f"{row[k]:.3f}" for k in METRICS)
+                         + f" | {f1} |")
+        lines.append("")
+    lines += ["Prior sources:", ""] + [f"- {e.name}: {e.source}" for e in entries] + [""]
+    lines.append("Teacher times exclude prior extraction and text encoding. The object masks in the prior cache come "
+                 "from the annotated boxes (box prompts), so the person F1 of prior-cache teachers (sage, fusionsam) "
+                 "is not comparable with the students'.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Ablation: direct vs distilled students vs teachers.")
+    ap.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                    help="a student checkpoint or a teacher file (repeat)")
+    ap.add_argument("--data", nargs="+", default=["msrs", "tno"], help="MSRS is reduced to its validation part")
+    ap.add_argument("--limit", type=int, help="first N pairs of each dataset (quick check)")
+    ap.add_argument("--priors", help="prior cache for SAGE teachers (default: the one recorded in the file)")
+    ap.add_argument("--descriptions", help="descriptions JSON for text teachers (default: the recorded one)")
+    ap.add_argument("--reps", type=int, default=10, help="timed forward passes per model")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", required=True, help="markdown file (numbers also in <out>.json)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    datasets = load_datasets(args.data, args.limit)
+    entries = []
+    for spec in args.model:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--model {spec}: expected NAME=PATH")
+        entries.append(Entry(name, path, args, datasets))
+    results = evaluate(entries, datasets)
+    first_dataset = next(iter(datasets))
+    key_sample = (description_key(first_dataset, datasets[first_dataset][0].stem), datasets[first_dataset][0])
+    timings = {e.name: e.cpu_ms(args.reps, *key_sample) for e in entries}
+    table = markdown(results, entries, timings, args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    out.with_suffix(".json").write_text(json.dumps({"results": results, "cpu_ms": timings,
+                                                    "parameters": {e.name: e.parameters for e in entries},
+                                                    "sources": {e.name: e.source for e in entries}}, indent=2))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

