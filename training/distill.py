@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ivf_ros.checkpoint import save_checkpoint
+from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
 
 from .datasets import IGNORE, Sample, to_tensors
@@ -45,7 +45,8 @@ from .losses import fusion_loss, segmentation_loss, sobel_magnitude
 from .priors import Prior, PriorCache, gray_of, prior_channels
 from .teachers import build_teacher, save_teacher
 from .text_priors import description_key, embed_descriptions, update_descriptions
-from .train import checkpoint_metadata, load_config, load_split, resolve_root, seed_everything, selection_score
+from .train import (checkpoint_metadata, load_config, load_split, resolve_repo_path, resolve_root, seed_everything,
+                    selection_score)
 from .validate import validate
 
 DISTILL_TERMS = ("feature", "context", "output", "contrast", "segment")
@@ -197,6 +198,8 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
                         generator=torch.Generator().manual_seed(int(cfg.get("seed", 0))))
     val_samples = load_split(cfg["val"], classes)
     student = build_model(ARCHITECTURE, {"num_classes": len(classes), **cfg["model"]}).to(device)
+    if cfg.get("init"):  # distil into an already trained student (fine-tuning)
+        student.load_state_dict(load_checkpoint(resolve_repo_path(cfg["init"]))[0].state_dict())
     teacher = build_teacher(tcfg["name"], {"num_classes": len(classes), **tcfg.get("hyper_parameters", {})}).to(device)
     projection = nn.Conv2d(2 * student.width, teacher.feature_channels, 1).to(device)
     opt_t = torch.optim.AdamW(teacher.parameters(), lr=tcfg["lr"], weight_decay=tc.get("weight_decay", 1e-4))

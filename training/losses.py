@@ -6,7 +6,8 @@ structural (SSIM) term towards both sources:
 * intensity: L1 to the element-wise maximum of the sources (keeps warm targets and bright visible content);
 * gradient:  L1 between |Sobel(F)| and max(|Sobel(IR)|, |Sobel(VIS)|) (keeps the strongest texture of either);
 * ssim:      1 - (SSIM(F, IR) + SSIM(F, VIS)) / 2 (keeps the structure of both);
-* gradient_vector (optional): L1 to the gradient vector of the locally dominant source (edge orientation too).
+* gradient_vector (optional): L1 to the gradient vector of the locally dominant source (edge orientation too);
+* difference_correlation (optional): 2 - SCD, the sum of correlations of (F - VIS) with IR and (F - IR) with VIS.
 """
 from __future__ import annotations
 
@@ -48,8 +49,21 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:
     return (num / den).mean()
 
 
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image Pearson correlation of two N x 1 x H x W tensors."""
+    a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
+    b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
+
+
+def difference_correlation_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """2 - SCD: what the fused image adds to one source should correlate with the other source."""
+    return 2.0 - (_correlation(fused - vis, ir) + _correlation(fused - ir, vis)).mean()
+
+
 def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor, weights: dict) -> dict[str, torch.Tensor]:
-    """Weighted fusion loss terms; ``weights`` keys: intensity, gradient, ssim, gradient_vector.
+    """Weighted fusion loss terms; ``weights`` keys: intensity, gradient, ssim, gradient_vector,
+    difference_correlation.
     Returns the terms and their weighted sum as 'total'."""
     terms = {
         "intensity": F.l1_loss(fused, torch.maximum(ir, vis)),
@@ -58,6 +72,8 @@ def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor, weight
     }
     if weights.get("gradient_vector"):
         terms["gradient_vector"] = dominant_gradient_loss(fused, ir, vis)
+    if weights.get("difference_correlation"):
+        terms["difference_correlation"] = difference_correlation_loss(fused, ir, vis)
     terms["total"] = sum(weights.get(k, 0.0) * v for k, v in terms.items())
     return terms
 

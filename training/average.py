@@ -1,0 +1,59 @@
+"""Average the weights of checkpoints of one architecture (a "model soup") and validate the result.
+
+    python -m training.average A.safetensors B.safetensors --out models/ivf_student.safetensors [--config CFG]
+
+Useful for checkpoints on one training trajectory (a student and its fine-tune): the average sits between them
+on the metrics they trade against each other. The metadata records every source and its validation numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ivf_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+from .train import load_config, load_split, selection_score
+from .validate import validate
+
+
+def average_checkpoints(paths: list[Path]) -> tuple[torch.nn.Module, dict]:
+    """Mean of the floating-point tensors of ``paths``; integer buffers come from the first checkpoint."""
+    models, metas = zip(*(load_checkpoint(p) for p in paths))
+    for p, meta in zip(paths[1:], metas[1:]):
+        if (meta["architecture"], meta["hyper_parameters"]) != (metas[0]["architecture"], metas[0]["hyper_parameters"]):
+            raise CheckpointError(f"{p}: architecture differs from {paths[0]}")
+    states = [m.state_dict() for m in models]
+    merged = {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+              for k, v in states[0].items()}
+    model = models[0]
+    model.load_state_dict(merged)
+    meta = json.loads(json.dumps(metas[-1]))
+    meta["training"]["weight_average"] = [
+        {"checkpoint": str(p), "commit": m["training"].get("commit"), "validation": m.get("validation")}
+        for p, m in zip(paths, metas)]
+    return model, meta
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoints", nargs="+", type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--config", default="training/configs/student.yaml", help="its 'val' entry is used to validate")
+    args = ap.parse_args(argv)
+    if len(args.checkpoints) < 2:
+        ap.error("give at least two checkpoints")
+    model, meta = average_checkpoints(args.checkpoints)
+    cfg = load_config(args.config)
+    metrics = validate(model, load_split(cfg["val"], meta["classes"]), meta["classes"])
+    metrics["score"] = selection_score(metrics)
+    meta["validation"] = {"data": cfg["val"], **{k: round(float(v), 4) for k, v in metrics.items()}}
+    save_checkpoint(args.out, model, meta)
+    print(json.dumps(meta["validation"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
