@@ -375,6 +375,17 @@ def _storage_of(path: Path) -> str:
     return "sqlite3" if path.suffix == ".db3" or (path.is_dir() and any(path.glob("*.db3"))) else "mcap"
 
 
+def prepare_output(out: Path, overwrite: bool) -> Path:
+    """Create ``out`` and return ``out/bag``, which must not exist unless ``overwrite``."""
+    out.mkdir(parents=True, exist_ok=True)
+    out_bag = out / "bag"
+    if out_bag.exists():
+        if not overwrite:
+            raise BagError(f"{out_bag}: exists already (use --force to replace it)")
+        shutil.rmtree(out_bag)
+    return out_bag
+
+
 def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = None, vis_topic: str | None = None,
                  checkpoint: str | Path | None = None, boxes: str | Path | None = None, device: str = "auto",
                  slop: float = 0.05, queue_size: int = 10, metrics: Sequence[str] | None = None,
@@ -412,12 +423,7 @@ def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = Non
         storage = storage or _storage_of(bag)
         if storage not in STORAGES:
             raise BagError(f"storage must be one of {', '.join(STORAGES)}, not '{storage}'")
-        out.mkdir(parents=True, exist_ok=True)
-        out_bag = out / "bag"
-        if out_bag.exists():
-            if not overwrite:
-                raise BagError(f"{out_bag}: exists already (use --force to replace it)")
-            shutil.rmtree(out_bag)
+        out_bag = prepare_output(out, overwrite)
         pipe = pipeline or FusionPipeline(checkpoint, device=device)
         ts = typestore()
         counts = image_topics(reader)
@@ -853,12 +859,7 @@ def evaluate_live(bag: str | Path, out: str | Path, *, ir_topic: str | None = No
     finally:
         reader.close()
     storage = storage or _storage_of(bag)
-    out.mkdir(parents=True, exist_ok=True)
-    out_bag = out / "bag"
-    if out_bag.exists():
-        if not overwrite:
-            raise BagError(f"{out_bag}: exists already (use --force to replace it)")
-        shutil.rmtree(out_bag)
+    out_bag = prepare_output(out, overwrite)
 
     env = dict(os.environ)
     use_fastdds_profile(env)

@@ -145,19 +145,30 @@ class CropDataset(Dataset):
     def __getitem__(self, index: int):
         rng = np.random.default_rng((self.seed, index))
         s = self.samples[rng.integers(len(self.samples))]
-        h, w = s.ir.shape[:2]
-        c = self.crop
-        y, x = rng.integers(h - c + 1), rng.integers(w - c + 1)
-        if s.target is not None and rng.random() < 0.5:
-            ys, xs = np.nonzero((s.target > 0) & (s.target != IGNORE))
-            if len(ys):
-                k = rng.integers(len(ys))
-                y = int(np.clip(ys[k] - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, h - c))
-                x = int(np.clip(xs[k] - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, w - c))
-        sl = (slice(y, y + c), slice(x, x + c))
-        ir, vis = s.ir[sl], s.vis[sl]
-        target = s.target[sl] if s.target is not None else np.full((c, c), IGNORE, np.uint8)
-        if rng.random() < 0.5:
-            ir, vis, target = ir[:, ::-1], vis[:, ::-1], target[:, ::-1]
-        ir_t, vis_y, ycrcb = to_tensors(np.ascontiguousarray(ir), np.ascontiguousarray(vis))
-        return ir_t, vis_y, ycrcb, torch.from_numpy(np.ascontiguousarray(target)).long()
+        window, flip = random_window(s, self.crop, rng)
+        ir, vis, target = crop_sample(s, window, flip)
+        ir_t, vis_y, ycrcb = to_tensors(ir, vis)
+        return ir_t, vis_y, ycrcb, torch.from_numpy(target).long()
+
+
+def random_window(s: Sample, crop: int, rng: np.random.Generator) -> tuple[tuple[slice, slice], bool]:
+    """A random crop window (half of the time centred near an object of a labelled pair) and a flip flag."""
+    h, w = s.ir.shape[:2]
+    y, x = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
+    if s.target is not None and rng.random() < 0.5:
+        ys, xs = np.nonzero((s.target > 0) & (s.target != IGNORE))
+        if len(ys):
+            k = rng.integers(len(ys))
+            y = int(np.clip(ys[k] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, h - crop))
+            x = int(np.clip(xs[k] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, w - crop))
+    return (slice(y, y + crop), slice(x, x + crop)), bool(rng.random() < 0.5)
+
+
+def crop_sample(s: Sample, window: tuple[slice, slice], flip: bool):
+    """(IR, visible, target) of ``window``, mirrored when ``flip``; unlabelled pairs get an all-IGNORE target."""
+    ir, vis = s.ir[window], s.vis[window]
+    h, w = ir.shape[:2]
+    target = s.target[window] if s.target is not None else np.full((h, w), IGNORE, np.uint8)
+    if flip:
+        ir, vis, target = ir[:, ::-1], vis[:, ::-1], target[:, ::-1]
+    return np.ascontiguousarray(ir), np.ascontiguousarray(vis), np.ascontiguousarray(target)

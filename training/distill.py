@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
 
-from .datasets import IGNORE, Sample, to_tensors
+from .datasets import Sample, crop_sample, random_window, to_tensors
 from .losses import fusion_loss, segmentation_loss, sobel_magnitude
 from .priors import Prior, PriorCache, gray_of, prior_channels
 from .teachers import build_teacher, save_teacher
@@ -106,23 +106,10 @@ class ConditionedCrops(Dataset):
     def __getitem__(self, index: int):
         rng = np.random.default_rng((self.seed, index))
         key, s = self.items[rng.integers(len(self.items))]
-        h, w = s.ir.shape[:2]
-        c = self.crop
-        y, x = int(rng.integers(h - c + 1)), int(rng.integers(w - c + 1))
-        if s.target is not None and rng.random() < 0.5:
-            ys, xs = np.nonzero((s.target > 0) & (s.target != IGNORE))
-            if len(ys):
-                k = rng.integers(len(ys))
-                y = int(np.clip(ys[k] - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, h - c))
-                x = int(np.clip(xs[k] - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, w - c))
-        window = (slice(y, y + c), slice(x, x + c))
-        flip = bool(rng.random() < 0.5)
-        ir, vis = s.ir[window], s.vis[window]
-        target = s.target[window] if s.target is not None else np.full((c, c), IGNORE, np.uint8)
-        if flip:
-            ir, vis, target = ir[:, ::-1], vis[:, ::-1], target[:, ::-1]
-        ir_t, vis_y, _ = to_tensors(np.ascontiguousarray(ir), np.ascontiguousarray(vis))
-        return ir_t, vis_y, torch.from_numpy(np.ascontiguousarray(target)).long(), self.condition(key, s, window, flip)
+        window, flip = random_window(s, self.crop, rng)
+        ir, vis, target = crop_sample(s, window, flip)
+        ir_t, vis_y, _ = to_tensors(ir, vis)
+        return ir_t, vis_y, torch.from_numpy(target).long(), self.condition(key, s, window, flip)
 
 
 def _context(x: torch.Tensor, grid: int = 8) -> torch.Tensor:

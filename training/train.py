@@ -25,7 +25,7 @@ from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.data import data_root, msrs_split
 from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
 
-from .datasets import CropDataset, load_pairs, to_tensors
+from .datasets import CropDataset, load_pairs
 from .losses import fusion_loss, segmentation_loss
 from .validate import validate
 
