@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -395,8 +396,6 @@ def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = Non
 
     Returns the report (also in ``report.json``). ``pipeline`` may be a ready ``FusionPipeline``.
     """
-    import shutil
-
     from rosbags.rosbag2 import StoragePlugin, Writer
     from tqdm import tqdm
 
@@ -805,7 +804,6 @@ def replay(node, bag: str | Path, *, rate: float = 1.0, loop: bool = False, topi
 
 def node_command() -> list[str]:
     """How to start the node: the ``fusion_node`` script beside this Python, else ``python -m ivf_ros.node``."""
-    import shutil
     import sys
 
     script = Path(sys.executable).with_name("fusion_node")
@@ -832,7 +830,6 @@ def evaluate_live(bag: str | Path, out: str | Path, *, ir_topic: str | None = No
     to receiving its fused image.
     """
     import os
-    import shutil
     import signal
     import subprocess
     import threading
