@@ -101,12 +101,7 @@ def latency_histogram(path: str | Path, latencies_ms: Mapping[str, Sequence[floa
     ax.set_ylabel("pairs")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def metric_plot(path: str | Path, per_frame: Mapping[str, Mapping[str, Sequence[float]]], metrics: Sequence[str],
@@ -126,9 +121,14 @@ def metric_plot(path: str | Path, per_frame: Mapping[str, Mapping[str, Sequence[
     axes[0, 0].set_title(title)
     axes[0, 0].legend(fontsize=8, ncol=len(per_frame))
     axes[-1, 0].set_xlabel("pair")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write a finished figure as PNG (creating folders) and free it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
