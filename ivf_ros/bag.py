@@ -583,12 +583,12 @@ def _json_default(value):
 
 def _add_metrics(per_frame: dict, fusion_metrics, names: list[str], result, vis: np.ndarray) -> None:
     from .imageops import gray_u8
-    from .metrics import to_gray
+    from .metrics import TRIVIAL_FUSIONS, to_gray
 
     ir = gray_u8(result.ir_registered).astype(np.float64)
     vis_gray = to_gray(vis)
     fused = to_gray(result.fused)
-    fusions = {"model": fused, "average": np.round((ir + vis_gray) / 2.0), "max": np.maximum(ir, vis_gray)}
+    fusions = {"model": fused, **{name: f(ir, vis_gray) for name, f in TRIVIAL_FUSIONS.items()}}
     for method, img in fusions.items():
         for name, value in fusion_metrics(ir, vis_gray, img, names=names).items():
             per_frame[method][name].append(float(value))

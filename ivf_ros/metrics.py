@@ -21,6 +21,14 @@ _PEAK = 255.0
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
+# The trivial fusions every evaluation reports beside a model (as in ../shared/reference/fusion_metrics.json):
+# gray images in, gray images out. Average fusion rounds half to even, like the reference.
+TRIVIAL_FUSIONS = {
+    "average": lambda ir, vis: np.round((ir + vis) / 2.0),
+    "max": np.maximum,
+}
+
+
 def to_gray(img: np.ndarray) -> np.ndarray:
     """uint8 gray or BGR image -> float64 gray, Y = 0.299 R + 0.587 G + 0.114 B rounded to integers."""
     img = np.asarray(img)

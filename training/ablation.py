@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ivf_ros.bench import time_interleaved
 from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import msrs_split
-from ivf_ros.metrics import BoxScorer, fusion_metrics, to_gray
+from ivf_ros.metrics import TRIVIAL_FUSIONS, BoxScorer, fusion_metrics, to_gray
 from ivf_ros.model import count_parameters
 
 from .datasets import Sample, load_pairs, to_tensors
@@ -37,7 +37,6 @@ from .text_priors import description_key
 from .train import resolve_root
 
 METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
-TRIVIAL = {"average": lambda ir, vis: np.round((ir + vis) / 2.0), "max": np.maximum}
 CLASSES = ["background", "person", "bicycle", "car"]
 
 
@@ -99,13 +98,13 @@ def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: 
     """Mean metrics per dataset and row; person F1 where boxes exist."""
     results = {}
     for dataset, samples in datasets.items():
-        sums = {name: dict.fromkeys(METRICS, 0.0) for name in [*TRIVIAL, *(e.name for e in entries)]}
+        sums = {name: dict.fromkeys(METRICS, 0.0) for name in [*TRIVIAL_FUSIONS, *(e.name for e in entries)]}
         scorers = {e.name: BoxScorer(CLASSES) for e in entries}
         has_boxes = any(s.boxes is not None for s in samples)
         for s in tqdm(samples, desc=dataset, disable=not progress):
             ir, vis_y, _ = to_tensors(s.ir, s.vis)
             ir_g, vis_g = s.ir.astype(np.float64), to_gray(s.vis)
-            fused = {name: f(ir_g, vis_g) for name, f in TRIVIAL.items()}
+            fused = {name: f(ir_g, vis_g) for name, f in TRIVIAL_FUSIONS.items()}
             for e in entries:
                 out, logits = e(description_key(dataset, s.stem), s, ir[None], vis_y[None])
                 fused[e.name] = np.round(out[0, 0].numpy() * 255.0)

@@ -9,15 +9,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data import find_pairs, msrs_split, read_yolo_boxes
-from ..metrics import FUSION_METRICS, BoxScorer, fusion_metrics, to_gray
+from ..metrics import FUSION_METRICS, TRIVIAL_FUSIONS, BoxScorer, fusion_metrics, to_gray
 from ..model import count_parameters
 from .fuse import add_pipeline_arguments, make_pipeline, read_checked_pair
-
-TRIVIAL_FUSIONS = {
-    "average": lambda ir, vis: np.round((ir + vis) / 2.0),
-    "max": np.maximum,
-}
-
 
 def add_arguments(p) -> None:
     add_pipeline_arguments(p)
