@@ -20,6 +20,8 @@ import numpy as np
 
 from . import ros_image
 from .data import PairingError, find_pairs, list_images, read_ir, read_vis, read_yolo_boxes
+from .imageops import gray_u8
+from .metrics import FUSION_METRICS, TRIVIAL_FUSIONS, BoxScorer, fusion_metrics, to_gray
 
 IR_TOPIC = "/ir/image"
 VIS_TOPIC = "/visible/image"
@@ -399,7 +401,6 @@ def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = Non
     from rosbags.rosbag2 import StoragePlugin, Writer
     from tqdm import tqdm
 
-    from .metrics import FUSION_METRICS, BoxScorer, fusion_metrics
     from .pipeline import FusionPipeline
     from .sync import ApproximateTimeSynchronizer
 
@@ -471,7 +472,7 @@ def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = Non
             for name, raw in zip(out_names, raws):
                 writer.write(out_conns[name], done_ns, raw)
             if index % metrics_every == 0 and metric_names:
-                _add_metrics(per_frame, fusion_metrics, metric_names, result, vis.image)
+                _add_metrics(per_frame, metric_names, result, vis.image)
             if scorer is not None:
                 name = names[vis.index] if names and vis.index < len(names) else f"{vis.index:06d}"
                 box_path = boxes_dir / f"{name}.txt"
@@ -581,10 +582,7 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _add_metrics(per_frame: dict, fusion_metrics, names: list[str], result, vis: np.ndarray) -> None:
-    from .imageops import gray_u8
-    from .metrics import TRIVIAL_FUSIONS, to_gray
-
+def _add_metrics(per_frame: dict, names: list[str], result, vis: np.ndarray) -> None:
     ir = gray_u8(result.ir_registered).astype(np.float64)
     vis_gray = to_gray(vis)
     fused = to_gray(result.fused)
