@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import data_root
@@ -81,6 +82,28 @@ def test_text_distillation_uses_minilm_embeddings_of_written_descriptions(text_r
     table = json.loads((tiny_msrs / "descriptions.json").read_text())
     assert len(table) == 4 and all(k.startswith("msrs/") for k in table)
 
+
+
+@needs_data
+def test_teacher_init_continues_the_saved_teacher(sage_run, tiny_msrs):
+    saved = load_file(str(sage_run[0] / "teacher.safetensors"))
+    cfg = tiny_config("sage", tiny_msrs, 1)
+    cfg["teacher"].update(init=str(sage_run[0] / "teacher.safetensors"), warmup=0, lr=0.0)  # lr 0: weights stay
+    distill(cfg, tiny_msrs / "sage_continued", progress=False)
+    continued = load_file(str(tiny_msrs / "sage_continued" / "teacher.safetensors"))
+    weights = [k for k in saved if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(saved[k], continued[k]) for k in weights)
+    _, meta = load_teacher(tiny_msrs / "sage_continued" / "teacher.safetensors")
+    assert meta["init"] == cfg["teacher"]["init"]
+
+
+@needs_data
+def test_teacher_init_of_another_size_is_refused(sage_run, tiny_msrs):
+    cfg = tiny_config("sage", tiny_msrs, 1)
+    cfg["teacher"].update(init=str(sage_run[0] / "teacher.safetensors"),
+                          hyper_parameters={**cfg["teacher"]["hyper_parameters"], "width": 16})
+    with pytest.raises(ValueError, match="teacher.init is a sage teacher"):
+        distill(cfg, tiny_msrs / "sage_wrong_init", progress=False)
 
 @pytest.fixture(scope="module")
 def fusionsam_run(tiny_msrs):

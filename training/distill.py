@@ -3,9 +3,9 @@
     python -m training.distill --config training/configs/distill_sage.yaml [--resume] [--steps N] [--out DIR]
 
 Alternating (bi-level) optimisation as in SAGE: the teacher (upper level) first trains alone for
-``teacher.warmup`` steps on the base loss (fusion + segmentation), then every round it takes
-``teacher.steps_per_round`` steps and the student (lower level) one step towards the updated teacher on the
-teacher's last batch. The student's loss is the base loss plus the weighted ``distill`` terms:
+``teacher.warmup`` steps on the base loss (fusion + segmentation), starting from ``teacher.init`` (a teacher
+saved by an earlier run) if given; then every round it takes ``teacher.steps_per_round`` steps and the student
+(lower level) one step towards the updated teacher on the teacher's last batch. The student's loss is the base loss plus the weighted ``distill`` terms:
 
 * ``feature``:  MSE between the student's 1/4-resolution features, through a learnable 1x1 projection, and the
   teacher's features (SAGE feature alignment; the textual-prior paper's feature loss);
@@ -43,7 +43,7 @@ from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
 from .datasets import Sample, crop_sample, random_window, to_tensors
 from .losses import fusion_loss, segmentation_loss, sobel_magnitude
 from .priors import Prior, PriorCache, gray_of, prior_channels
-from .teachers import build_teacher, save_teacher
+from .teachers import build_teacher, load_teacher, save_teacher
 from .text_priors import description_key, embed_descriptions, update_descriptions
 from .train import (checkpoint_metadata, load_config, load_split, resolve_repo_path, resolve_root, seed_everything,
                     selection_score)
@@ -188,6 +188,8 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
     if cfg.get("init"):  # distil into an already trained student (fine-tuning)
         student.load_state_dict(load_checkpoint(resolve_repo_path(cfg["init"]))[0].state_dict())
     teacher = build_teacher(tcfg["name"], {"num_classes": len(classes), **tcfg.get("hyper_parameters", {})}).to(device)
+    if tcfg.get("init"):  # continue training a teacher saved by an earlier run (OUT/teacher.safetensors)
+        teacher.load_state_dict(load_teacher_weights(resolve_repo_path(tcfg["init"]), teacher))
     projection = nn.Conv2d(2 * student.width, teacher.feature_channels, 1).to(device)
     opt_t = torch.optim.AdamW(teacher.parameters(), lr=tcfg["lr"], weight_decay=tc.get("weight_decay", 1e-4))
     opt_s = torch.optim.AdamW([*student.parameters(), *projection.parameters()], lr=tc["lr"],
@@ -282,13 +284,23 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
     return {"best": best, "history": history}
 
 
+def load_teacher_weights(path: Path, teacher: nn.Module) -> dict:
+    """The state dict of a saved teacher, checked against the configured one (same kind and hyper-parameters)."""
+    saved, meta = load_teacher(path)
+    wanted = {k: v for k, v in teacher.hp.items() if k != "sam_checkpoint"}
+    if meta["teacher"] != teacher.name or {k: saved.hp.get(k) for k in wanted} != wanted:
+        raise ValueError(f"{path}: teacher.init is a {meta['teacher']} teacher with {saved.hp}, "
+                         f"the config asks for {teacher.name} with {teacher.hp}")
+    return saved.state_dict()
+
+
 def teacher_metadata(cfg: dict, teacher: nn.Module, condition) -> dict:
     """What the student checkpoint and the teacher file record about the teacher and its conditioning."""
     conditioning = ({"priors": str(cfg["priors"])} if cfg["teacher"]["name"] in PRIOR_TEACHERS
                     else {"descriptions": str(cfg["text"]["descriptions"])})
     return {"name": cfg["teacher"]["name"], "hyper_parameters": teacher.hp, "parameters": count_parameters(teacher),
             "prior_source": condition.source, "conditioning": conditioning,
-            "warmup": int(cfg["teacher"].get("warmup", 0)),
+            "init": cfg["teacher"].get("init"), "warmup": int(cfg["teacher"].get("warmup", 0)),
             "steps_per_round": int(cfg["teacher"].get("steps_per_round", 1))}
 
 
