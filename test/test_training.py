@@ -11,7 +11,7 @@ from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import data_root
 from training.datasets import IGNORE, CropDataset, box_mask, load_pairs
 from training.losses import fusion_loss, sobel_magnitude, ssim
-from training.train import load_config, train
+from training.train import load_config, main as train_main, train
 
 CLASSES = ["background", "person", "bicycle", "car"]
 DATA = data_root()
@@ -101,3 +101,16 @@ def test_short_real_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tm
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 30
     yaml.safe_dump(meta)  # metadata stays plain data
+
+
+@needs_data
+def test_command_line_overrides_steps_and_output_folder(tmp_path, capsys):
+    cfg = load_config("training/configs/student.yaml")
+    cfg["data"] = [{"root": "msrs", "layout": "pairs", "split": "train", "limit": 2}]
+    cfg["val"] = {"root": "msrs", "layout": "pairs", "split": "val", "limit": 1}
+    cfg["train"].update(batch=2, crop=64, threads=1)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    assert train_main(["--config", str(tmp_path / "tiny.yaml"), "--steps", "2", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out  # validation lines, then the best validation record as JSON
+    assert json.loads(out[out.index("\n{") + 1:])["step"] in (0, 2)
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [0, 2]

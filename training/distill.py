@@ -25,7 +25,6 @@ the prior source), ``OUT/teacher.safetensors``, ``OUT/last.pt`` (resumable) and 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -45,8 +44,8 @@ from .losses import fusion_loss, segmentation_loss, sobel_magnitude
 from .priors import Prior, PriorCache, gray_of, prior_channels
 from .teachers import build_teacher, load_teacher, save_teacher
 from .text_priors import description_key, embed_descriptions, update_descriptions
-from .train import (checkpoint_metadata, load_config, load_split, resolve_repo_path, resolve_root, seed_everything,
-                    selection_score)
+from .train import (checkpoint_metadata, config_command, load_config, load_split, resolve_repo_path, resolve_root,
+                    seed_everything, selection_score)
 from .validate import validate
 
 DISTILL_TERMS = ("feature", "context", "output", "contrast", "segment")
@@ -318,18 +317,8 @@ def load_distill_config(path: str | Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--out", help="output folder (default: the config's 'out')")
-    ap.add_argument("--steps", type=int, help="override train.steps (student steps)")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same config and --steps)")
-    args = ap.parse_args(argv)
-    cfg = load_distill_config(args.config)
-    if args.steps:
-        cfg["train"]["steps"] = args.steps
-    result = distill(cfg, Path(args.out or cfg.get("out", "runs/distill")), resume=args.resume)
-    print(json.dumps(result["best"], indent=2))
-    return 0
+    return config_command(argv, __doc__, load_distill_config,
+                          lambda cfg, out, resume: distill(cfg, out, resume=resume)["best"], "runs/distill")
 
 
 if __name__ == "__main__":

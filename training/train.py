@@ -185,19 +185,26 @@ def checkpoint_metadata(cfg: dict, model: torch.nn.Module, metrics: dict) -> dic
     }
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def config_command(argv, description: str, load, run, default_out: str) -> int:
+    """The command line shared by training and distillation: ``--config`` [``--out``] [``--steps``] [``--resume``].
+    ``load(path)`` reads the config, ``run(cfg, out, resume)`` returns the best validation metrics (printed)."""
+    ap = argparse.ArgumentParser(description=description.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", help="output folder (default: the config's 'out')")
-    ap.add_argument("--steps", type=int, help="override train.steps")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    ap.add_argument("--steps", type=int, help="override train.steps (student steps)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same config and --steps)")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = load(args.config)
     if args.steps:
         cfg["train"]["steps"] = args.steps
-    best = train(cfg, Path(args.out or cfg.get("out", "runs/student")), resume=args.resume)
+    best = run(cfg, Path(args.out or cfg.get("out", default_out)), args.resume)
     print(json.dumps(best, indent=2))
     return 0
+
+
+def main(argv=None) -> int:
+    return config_command(argv, __doc__, load_config, lambda cfg, out, resume: train(cfg, out, resume=resume),
+                          "runs/student")
 
 
 if __name__ == "__main__":
