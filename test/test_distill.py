@@ -67,6 +67,8 @@ def test_sage_distillation_lowers_its_loss_and_writes_a_node_checkpoint(sage_run
     student, meta = load_checkpoint(out / "best.safetensors")  # what the node loads
     assert isinstance(student, FusionStudent)
     assert meta["training"]["prior_source"] == "classic: test priors"
+    _, final_meta = load_checkpoint(out / "final.safetensors")  # the student after the last step
+    assert final_meta["validation"]["step"] == 14 and meta["validation"]["step"] in (0, 14)
     assert meta["training"]["teacher"]["name"] == "sage"
     teacher, tmeta = load_teacher(out / "teacher.safetensors")
     assert tmeta["conditioning"]["priors"].endswith("priors") and tmeta["prior_source"].startswith("classic")
@@ -85,16 +87,16 @@ def test_text_distillation_uses_minilm_embeddings_of_written_descriptions(text_r
 
 
 @needs_data
-def test_teacher_init_continues_the_saved_teacher(sage_run, tiny_msrs):
+def test_saved_teacher_continues_and_can_be_frozen(sage_run, tiny_msrs):
     saved = load_file(str(sage_run[0] / "teacher.safetensors"))
-    cfg = tiny_config("sage", tiny_msrs, 1)
-    cfg["teacher"].update(init=str(sage_run[0] / "teacher.safetensors"), warmup=0, lr=0.0)  # lr 0: weights stay
-    distill(cfg, tiny_msrs / "sage_continued", progress=False)
-    continued = load_file(str(tiny_msrs / "sage_continued" / "teacher.safetensors"))
-    weights = [k for k in saved if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    assert all(torch.equal(saved[k], continued[k]) for k in weights)
-    _, meta = load_teacher(tiny_msrs / "sage_continued" / "teacher.safetensors")
-    assert meta["init"] == cfg["teacher"]["init"]
+    cfg = tiny_config("sage", tiny_msrs, 2)
+    cfg["teacher"].update(init=str(sage_run[0] / "teacher.safetensors"), warmup=0, steps_per_round=0)
+    result = distill(cfg, tiny_msrs / "sage_frozen", progress=False)
+    assert len(result["history"]) == 2 and all(h["teacher"] > 0 for h in result["history"])
+    frozen = load_file(str(tiny_msrs / "sage_frozen" / "teacher.safetensors"))
+    assert saved.keys() == frozen.keys() and all(torch.equal(saved[k], frozen[k]) for k in saved)
+    _, meta = load_teacher(tiny_msrs / "sage_frozen" / "teacher.safetensors")
+    assert meta["init"] == cfg["teacher"]["init"] and meta["steps_per_round"] == 0
 
 
 @needs_data
