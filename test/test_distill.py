@@ -36,6 +36,7 @@ def tiny_msrs(tmp_path_factory):
 
 def tiny_config(name: str, root, steps: int) -> dict:
     cfg = load_distill_config(f"training/configs/distill_{name}.yaml")
+    cfg.pop("init")  # a fresh student of the tiny width, not the trained one
     cfg["data"] = [{"root": str(root / "msrs"), "layout": "pairs"}]
     cfg["val"] = {"root": str(root / "msrs"), "layout": "pairs", "limit": 1}
     cfg["priors"] = str(root / "priors")
@@ -109,9 +110,8 @@ def test_teacher_init_of_another_size_is_refused(sage_run, tiny_msrs):
 
 @pytest.fixture(scope="module")
 def fusionsam_run(tiny_msrs):
-    cfg = tiny_config("sage", tiny_msrs, 3)
-    cfg["teacher"].update(name="fusionsam", hyper_parameters={"width": 8, "codes": 32, "grid": 8, "sam_dim": 32})
-    cfg["distill"]["segment"] = 1.0
+    cfg = tiny_config("fusionsam", tiny_msrs, 3)
+    cfg["teacher"]["hyper_parameters"].update(codes=32, grid=8, sam_dim=32)
     out = tiny_msrs / "fusionsam"
     return out, distill(cfg, out, progress=False)
 

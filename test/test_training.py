@@ -11,7 +11,7 @@ from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import data_root
 from training.datasets import IGNORE, CropDataset, box_mask, load_pairs
 from training.losses import fusion_loss, sobel_magnitude, ssim
-from training.train import load_config, main as train_main, train
+from training.train import load_config, main as train_main, set_entry, train
 
 CLASSES = ["background", "person", "bicycle", "car"]
 DATA = data_root()
@@ -110,7 +110,23 @@ def test_command_line_overrides_steps_and_output_folder(tmp_path, capsys):
     cfg["val"] = {"root": "msrs", "layout": "pairs", "split": "val", "limit": 1}
     cfg["train"].update(batch=2, crop=64, threads=1)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    assert train_main(["--config", str(tmp_path / "tiny.yaml"), "--steps", "2", "--out", str(tmp_path / "run")]) == 0
+    args = ["--config", str(tmp_path / "tiny.yaml"), "--steps", "2", "--out", str(tmp_path / "run"),
+            "--set", "seed=3", "loss.ssim=0.5"]
+    assert train_main(args) == 0
     out = capsys.readouterr().out  # validation lines, then the best validation record as JSON
     assert json.loads(out[out.index("\n{") + 1:])["step"] in (0, 2)
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [0, 2]
+    _, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert meta["training"]["seed"] == 3 and meta["training"]["loss"]["ssim"] == 0.5 and meta["training"]["steps"] == 2
+
+
+def test_set_overrides_dotted_keys_with_yaml_values():
+    cfg = {"train": {"steps": 10}, "teacher": {"name": "sage"}}
+    for item in ("train.steps=50", "teacher.init=runs/x.safetensors", "distill.output=50.0", "palette=[[0, 0, 0]]"):
+        set_entry(cfg, item)
+    assert cfg == {"train": {"steps": 50}, "teacher": {"name": "sage", "init": "runs/x.safetensors"},
+                   "distill": {"output": 50.0}, "palette": [[0, 0, 0]]}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        set_entry(cfg, "train.steps")
+    with pytest.raises(SystemExit, match="not a section"):
+        set_entry(cfg, "train.steps.x=1")

@@ -185,6 +185,20 @@ def checkpoint_metadata(cfg: dict, model: torch.nn.Module, metrics: dict) -> dic
     }
 
 
+def set_entry(cfg: dict, item: str) -> None:
+    """Apply one ``dotted.key=value`` override (the value read as YAML) to a config."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set {item}: expected KEY=VALUE")
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SystemExit(f"--set {item}: '{part}' is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
 def config_command(argv, description: str, load, run, default_out: str) -> int:
     """The command line shared by training and distillation: ``--config`` [``--out``] [``--steps``] [``--resume``].
     ``load(path)`` reads the config, ``run(cfg, out, resume)`` returns the best validation metrics (printed)."""
@@ -193,8 +207,12 @@ def config_command(argv, description: str, load, run, default_out: str) -> int:
     ap.add_argument("--out", help="output folder (default: the config's 'out')")
     ap.add_argument("--steps", type=int, help="override train.steps (student steps)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same config and --steps)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override config entries, dotted keys, YAML values: teacher.warmup=500 distill.output=50")
     args = ap.parse_args(argv)
     cfg = load(args.config)
+    for item in args.set:
+        set_entry(cfg, item)
     if args.steps:
         cfg["train"]["steps"] = args.steps
     best = run(cfg, Path(args.out or cfg.get("out", default_out)), args.resume)
