@@ -1,12 +1,14 @@
 """Distil a prior-guided teacher into the node's student (``FusionStudent``), from a YAML config.
 
     python -m training.distill --config training/configs/distill_sage.yaml [--resume] [--steps N] [--out DIR]
+        [--set KEY=VALUE ...]   (dotted config keys, e.g. teacher.warmup=500 priors=runs/priors/classic)
 
 Alternating (bi-level) optimisation as in SAGE: the teacher (upper level) first trains alone for
 ``teacher.warmup`` steps on the base loss (fusion + segmentation), starting from ``teacher.init`` (a teacher
 saved by an earlier run) if given; then every round it takes ``teacher.steps_per_round`` steps and the student
 (lower level) one step towards the updated teacher on the teacher's last batch. ``steps_per_round: 0`` freezes the
-teacher after its warm-up (one-level distillation from a fixed teacher, about three times faster per step). The student's loss is the base loss plus the weighted ``distill`` terms:
+teacher after its warm-up (one-level distillation from a fixed teacher, about three times faster per step).
+The student's loss is the base loss plus the weighted ``distill`` terms:
 
 * ``feature``:  MSE between the student's 1/4-resolution features, through a learnable 1x1 projection, and the
   teacher's features (SAGE feature alignment; the textual-prior paper's feature loss);
@@ -22,8 +24,8 @@ The teacher is ``teacher.name``: ``sage`` or ``fusionsam`` (both read the prior 
 (reads the descriptions ``text.descriptions``).
 
 Writes ``OUT/best.safetensors`` (the student with the best validation score, in the node's checkpoint format; its
-metadata names the teacher and the prior source), ``OUT/final.safetensors`` (the student at the latest validation,
-after the last step at the end), ``OUT/teacher.safetensors``, ``OUT/last.pt`` (resumable) and ``OUT/log.jsonl``.
+metadata names the teacher and the prior source), ``OUT/final.safetensors`` (the student at the latest validation:
+after the last step once the run ends), ``OUT/teacher.safetensors``, ``OUT/last.pt`` (resumable) and ``OUT/log.jsonl``.
 """
 from __future__ import annotations
 
@@ -270,10 +272,8 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
     if step == 0:
         validate_and_keep_best({"step": 0})  # the untrained student (max fusion) is the bar to beat
     while step < tc["steps"]:
-        for _ in range(per_round):
-            (ir, vis_y, target, _), teacher_out, t_loss = teacher_step()
-        if per_round == 0:
-            (ir, vis_y, target, _), teacher_out, t_loss = frozen_teacher_step()
+        for _ in range(max(1, per_round)):
+            (ir, vis_y, target, _), teacher_out, t_loss = (teacher_step if per_round else frozen_teacher_step)()
         student.train()
         feats = student.features(ir, vis_y)
         fused, logits = student.fuse_with(feats, ir, vis_y), student.segment_with(feats, ir.shape[-2:])

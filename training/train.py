@@ -1,6 +1,7 @@
 """Train the fusion student + segmentation head from a YAML config.
 
     python -m training.train --config training/configs/student.yaml [--resume] [--steps N] [--out DIR]
+        [--set KEY=VALUE ...]
 
 Writes ``OUT/last.pt`` (resumable training state), ``OUT/best.safetensors`` (the best checkpoint by the
 validation score, in the shipped format), ``OUT/log.jsonl`` (one line per validation) and ``OUT/losses.jsonl``
