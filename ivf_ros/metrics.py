@@ -346,6 +346,7 @@ class BoxScorer:
         n = len(self.classes)
         self._tp, self._fp, self._fn = [0] * n, [0] * n, [0] * n
         self._coverage = [[] for _ in range(n)]
+        self.per_image: list[np.ndarray] = []  # per added image: classes x (tp, fp, fn)
 
     def add(self, labels: np.ndarray, boxes) -> None:
         """One image: ``labels`` (H x W class ids) and its boxes [(yolo_class, x0, y0, x1, y1)] in pixels."""
@@ -358,13 +359,16 @@ class BoxScorer:
             if not 0 < class_id < len(self.classes):
                 raise ValueError(f"box class {yolo_class} has no label id among {len(self.classes) - 1} classes")
             truth[class_id].append(tuple(float(v) for v in box))
+        counts = np.zeros((len(self.classes), 3), np.int64)
         for class_id in range(1, len(self.classes)):
             predicted = regions_to_boxes(labels, class_id, self.min_area)
             tp = match_boxes(predicted, truth[class_id], self.iou_threshold)
+            counts[class_id] = tp, len(predicted) - tp, len(truth[class_id]) - tp
             self._tp[class_id] += tp
             self._fp[class_id] += len(predicted) - tp
             self._fn[class_id] += len(truth[class_id]) - tp
             self._coverage[class_id] += [_box_coverage(labels, class_id, box) for box in truth[class_id]]
+        self.per_image.append(counts)
 
     def summary(self) -> dict[str, dict]:
         """Per class (background left out): tp, fp, fn, precision, recall, f1, coverage."""
@@ -383,6 +387,27 @@ class BoxScorer:
                 "coverage": float(np.mean(coverage)) if coverage else 0.0,
             }
         return result
+
+
+def f1_interval(scorer: BoxScorer, name: str, reference: BoxScorer | None = None, resamples: int = 2000,
+                level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval (over images) of the F1 of class ``name``; with ``reference`` (scored on the same images),
+    of the paired difference F1(scorer) - F1(reference)."""
+    class_id = scorer.classes.index(name)
+    counts = np.stack([c[class_id] for c in scorer.per_image]).astype(np.float64)
+    if reference is not None:
+        if len(reference.per_image) != len(counts):
+            raise ValueError("the reference scorer must have scored the same images")
+        ref = np.stack([c[class_id] for c in reference.per_image]).astype(np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(counts), (resamples, len(counts)))
+
+    def f1(c: np.ndarray) -> np.ndarray:  # resamples x images x (tp, fp, fn) -> F1 per resample
+        tp, fp, fn = c.sum(1).T
+        return np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=2 * tp + fp + fn > 0)
+
+    values = f1(counts[picks]) - (f1(ref[picks]) if reference is not None else 0.0)
+    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
 
 
 def _box_coverage(labels: np.ndarray, class_id: int, box: Box) -> float:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ivf_ros.data import data_root
-from ivf_ros.metrics import FUSION_METRICS, BoxScorer, box_iou, fusion_metrics, regions_to_boxes, to_gray
+from ivf_ros.metrics import (FUSION_METRICS, BoxScorer, box_iou, f1_interval, fusion_metrics, regions_to_boxes,
+                             to_gray)
 
 REFERENCE = data_root().parent / "reference" / "fusion_metrics.json"
 
@@ -206,3 +207,21 @@ def test_regions_to_boxes_uses_8_connectivity_and_min_area():
 def test_box_of_unknown_class_is_rejected():
     with pytest.raises(ValueError, match="class 5"):
         BoxScorer(CLASSES).add(_labels(), [(5, 0, 0, 10, 10)])
+
+
+def test_f1_interval_brackets_the_f1_and_pairs_images():
+    good = np.zeros((40, 40), np.uint8)
+    good[10:30, 10:30] = 1  # finds the box
+    box = [(0, 10, 10, 30, 30)]
+    a, b = BoxScorer(CLASSES), BoxScorer(CLASSES)
+    for i in range(20):
+        a.add(good if i % 2 else np.zeros_like(good), box)  # finds half of the persons
+        b.add(good if i % 4 == 1 else np.zeros_like(good), box)  # finds a quarter, a subset of a's
+    f1 = a.summary()["person"]["f1"]
+    lo, hi = f1_interval(a, "person")
+    assert lo < f1 < hi and 0.0 <= lo and hi <= 1.0
+    d_lo, d_hi = f1_interval(a, "person", reference=b)
+    assert 0.0 < d_lo <= d_hi  # a is never worse on any image: the paired difference stays positive
+    assert f1_interval(a, "person", reference=a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same images"):
+        f1_interval(a, "person", reference=BoxScorer(CLASSES))

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ivf_ros.bench import time_interleaved
 from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import msrs_split
-from ivf_ros.metrics import TRIVIAL_FUSIONS, BoxScorer, fusion_metrics, to_gray
+from ivf_ros.metrics import TRIVIAL_FUSIONS, BoxScorer, f1_interval, fusion_metrics, to_gray
 from ivf_ros.model import count_parameters
 
 from .datasets import Sample, load_pairs, to_tensors
@@ -95,7 +95,8 @@ class Entry:
 
 
 def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: bool = True) -> dict:
-    """Mean metrics per dataset and row; person F1 where boxes exist."""
+    """Mean metrics per dataset and row; where boxes exist, person F1 with its bootstrap interval and, for every
+    model after the first, the interval of its paired difference from the first."""
     results = {}
     for dataset, samples in datasets.items():
         sums = {name: dict.fromkeys(METRICS, 0.0) for name in [*TRIVIAL_FUSIONS, *(e.name for e in entries)]}
@@ -113,10 +114,15 @@ def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: 
             for name, f in fused.items():
                 for k, v in fusion_metrics(ir_g, vis_g, f, METRICS).items():
                     sums[name][k] += v
-        results[dataset] = {"pairs": len(samples), "rows": {
-            name: {**{k: v / max(1, len(samples)) for k, v in m.items()},
-                   **({"person_f1": scorers[name].summary()["person"]["f1"]} if has_boxes and name in scorers else {})}
-            for name, m in sums.items()}}
+        rows = {name: {k: v / max(1, len(samples)) for k, v in m.items()} for name, m in sums.items()}
+        if has_boxes:
+            first = scorers[entries[0].name]
+            for name, scorer in scorers.items():
+                rows[name].update(person_f1=scorer.summary()["person"]["f1"],
+                                  person_f1_interval=f1_interval(scorer, "person"))
+                if scorer is not first:
+                    rows[name]["person_f1_minus_first"] = f1_interval(scorer, "person", reference=first)
+        results[dataset] = {"pairs": len(samples), "rows": rows}
     return results
 
 
@@ -126,18 +132,25 @@ def markdown(results: dict, entries: list[Entry], timings: dict[str, float], thr
     for dataset, res in results.items():
         lines += [f"### {dataset} ({res['pairs']} pairs)", "",
                   f"| model | kind | params | CPU ms (640x480, {threads} thread{'s' if threads > 1 else ''}) | "
-                  + " | ".join(METRICS) + " | person F1 |",
+                  + " | ".join(METRICS) + " | person F1 [95% interval] |",
                   "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in METRICS) + " | ---: |"]
         for name, row in res["rows"].items():
             e = info.get(name)
             kind, params = (e.kind, f"{e.parameters:,}") if e else ("trivial fusion", "0")
             ms = f"{timings[name]:.1f}" if name in timings else "-"
-            f1 = f"{row['person_f1']:.3f}" if "person_f1" in row else "-"
+            f1 = (f"{row['person_f1']:.3f} [{row['person_f1_interval'][0]:.3f}, {row['person_f1_interval'][1]:.3f}]"
+                  if "person_f1" in row else "-")
             lines.append(f"| {name} | {kind} | {params} | {ms} | " + " | ".join(f"{row[k]:.3f}" for k in METRICS)
                          + f" | {f1} |")
+        paired = [f"{name} [{row['person_f1_minus_first'][0]:+.3f}, {row['person_f1_minus_first'][1]:+.3f}]"
+                  for name, row in res["rows"].items() if "person_f1_minus_first" in row]
+        if paired:
+            lines += ["", f"Person F1 minus {entries[0].name}'s, 95% paired bootstrap interval over the images: "
+                      + "; ".join(paired) + "."]
         lines.append("")
     lines += ["Prior sources:", ""] + [f"- {e.name}: {e.source}" for e in entries] + [""]
-    lines.append("Teacher times exclude prior extraction and text encoding. The object masks in the prior cache come "
+    lines.append("Person F1 intervals: 95% bootstrap over the images (2,000 resamples). "
+                 "Teacher times exclude prior extraction and text encoding. The object masks in the prior cache come "
                  "from the annotated boxes (box prompts), so the person F1 of prior-cache teachers (sage, fusionsam) "
                  "is not comparable with the students'.")
     return "\n".join(lines) + "\n"
