@@ -7,7 +7,7 @@ Alternating (bi-level) optimisation as in SAGE: the teacher (upper level) first 
 ``teacher.warmup`` steps on the base loss (fusion + segmentation), starting from ``teacher.init`` (a teacher
 saved by an earlier run) if given; then every round it takes ``teacher.steps_per_round`` steps and the student
 (lower level) one step towards the updated teacher on the teacher's last batch. ``steps_per_round: 0`` freezes the
-teacher after its warm-up (one-level distillation from a fixed teacher, about three times faster per step).
+teacher after its warm-up (one-level distillation from a fixed teacher: no teacher backward pass or update).
 The student's loss is the base loss plus the weighted ``distill`` terms:
 
 * ``feature``:  MSE between the student's 1/4-resolution features, through a learnable 1x1 projection, and the
