@@ -343,9 +343,7 @@ class BoxScorer:
         self.classes = list(classes)
         self.min_area = min_area
         self.iou_threshold = iou_threshold
-        n = len(self.classes)
-        self._tp, self._fp, self._fn = [0] * n, [0] * n, [0] * n
-        self._coverage = [[] for _ in range(n)]
+        self._coverage = [[] for _ in self.classes]
         self.per_image: list[np.ndarray] = []  # per added image: classes x (tp, fp, fn)
 
     def add(self, labels: np.ndarray, boxes) -> None:
@@ -364,17 +362,15 @@ class BoxScorer:
             predicted = regions_to_boxes(labels, class_id, self.min_area)
             tp = match_boxes(predicted, truth[class_id], self.iou_threshold)
             counts[class_id] = tp, len(predicted) - tp, len(truth[class_id]) - tp
-            self._tp[class_id] += tp
-            self._fp[class_id] += len(predicted) - tp
-            self._fn[class_id] += len(truth[class_id]) - tp
             self._coverage[class_id] += [_box_coverage(labels, class_id, box) for box in truth[class_id]]
         self.per_image.append(counts)
 
     def summary(self) -> dict[str, dict]:
         """Per class (background left out): tp, fp, fn, precision, recall, f1, coverage."""
+        totals = np.sum(self.per_image, axis=0) if self.per_image else np.zeros((len(self.classes), 3), np.int64)
         result = {}
         for class_id, name in enumerate(self.classes[1:], start=1):
-            tp, fp, fn = self._tp[class_id], self._fp[class_id], self._fn[class_id]
+            tp, fp, fn = (int(v) for v in totals[class_id])
             precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
             coverage = self._coverage[class_id]
             result[name] = {

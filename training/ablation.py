@@ -57,7 +57,7 @@ class Entry:
     """One row: a callable ``(key, sample, ir, vis_y) -> (fused, logits | None)`` plus what the table shows."""
 
     def __init__(self, name: str, path: str, args, datasets):
-        self.name, self.path, self.condition = name, path, None
+        self.name, self.condition = name, None
         meta = read_teacher_metadata(path)
         keyed = [(description_key(d, s.stem), s) for d, samples in datasets.items() for s in samples]
         if meta is not None:

@@ -30,7 +30,7 @@ def average_checkpoints(paths: list[Path]) -> tuple[torch.nn.Module, dict]:
               for k, v in states[0].items()}
     model = models[0]
     model.load_state_dict(merged)
-    meta = json.loads(json.dumps(metas[-1]))
+    meta = metas[-1]
     meta["training"]["weight_average"] = [
         {"checkpoint": str(p), "commit": m["training"].get("commit"), "validation": m.get("validation")}
         for p, m in zip(paths, metas)]

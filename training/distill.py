@@ -37,16 +37,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
+from ivf_ros.imageops import gray_u8
 from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
 
 from .datasets import Sample, crop_sample, random_window, to_tensors
 from .losses import fusion_loss, segmentation_loss, sobel_magnitude
-from .priors import Prior, PriorCache, gray_of, prior_channels
-from .teachers import build_teacher, load_teacher, save_teacher
+from .priors import Prior, PriorCache, prior_channels
+from .teachers import build_teacher, read_teacher_metadata, save_teacher
 from .text_priors import description_key, embed_descriptions, update_descriptions
 from .train import (checkpoint_metadata, config_command, load_config, load_split, resolve_repo_path, resolve_root,
                     seed_everything, selection_score)
@@ -67,7 +69,7 @@ class PriorCondition:
     def __call__(self, key: str, s: Sample, window=(slice(None), slice(None)), flip: bool = False) -> torch.Tensor:
         prior = self.priors[key]
         channels = prior_channels(Prior(prior.regions[window], prior.objects[window]), s.ir[window],
-                                  gray_of(s.vis[window]))
+                                  gray_u8(s.vis[window]))
         return torch.from_numpy(np.ascontiguousarray(channels[..., ::-1] if flip else channels))
 
 
@@ -253,7 +255,8 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
 
     def validate_and_keep_best(record: dict) -> None:
         nonlocal best
-        metrics = validate(copy.deepcopy(student).cpu(), val_samples, classes, progress=False)
+        snapshot = copy.deepcopy(student).cpu()
+        metrics = validate(snapshot, val_samples, classes, progress=False)
         metrics["score"] = selection_score(metrics)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps({**record, **metrics}) + "\n")
@@ -264,10 +267,10 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
         meta = checkpoint_metadata(cfg, student, latest)
         meta["training"].update(method="distillation (training/distill.py)", teacher=teacher_meta,
                                 distill=cfg["distill"])
-        save_checkpoint(out / "final.safetensors", copy.deepcopy(student).cpu(), meta)
+        save_checkpoint(out / "final.safetensors", snapshot, meta)
         if metrics["score"] > best["score"]:
             best = latest
-            save_checkpoint(out / "best.safetensors", copy.deepcopy(student).cpu(), meta)
+            save_checkpoint(out / "best.safetensors", snapshot, meta)
 
     if step == 0:
         validate_and_keep_best({"step": 0})  # the untrained student (max fusion) is the bar to beat
@@ -300,12 +303,14 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
 
 def load_teacher_weights(path: Path, teacher: nn.Module) -> dict:
     """The state dict of a saved teacher, checked against the configured one (same kind and hyper-parameters)."""
-    saved, meta = load_teacher(path)
+    meta = read_teacher_metadata(path)
+    if meta is None:
+        raise ValueError(f"{path}: teacher.init is not a teacher file")
     wanted = {k: v for k, v in teacher.hp.items() if k != "sam_checkpoint"}
-    if meta["teacher"] != teacher.name or {k: saved.hp.get(k) for k in wanted} != wanted:
-        raise ValueError(f"{path}: teacher.init is a {meta['teacher']} teacher with {saved.hp}, "
+    if meta["teacher"] != teacher.name or {k: meta["hyper_parameters"].get(k) for k in wanted} != wanted:
+        raise ValueError(f"{path}: teacher.init is a {meta['teacher']} teacher with {meta['hyper_parameters']}, "
                          f"the config asks for {teacher.name} with {teacher.hp}")
-    return saved.state_dict()
+    return load_file(str(path))
 
 
 def teacher_metadata(cfg: dict, teacher: nn.Module, condition) -> dict:

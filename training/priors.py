@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ivf_ros.imageops import gray_u8
+
 from .datasets import Sample, load_pairs
 from .train import resolve_root
 
@@ -41,13 +43,9 @@ class Prior:
     objects: np.ndarray  # H x W uint8
 
 
-def gray_of(vis: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(vis, cv2.COLOR_BGR2GRAY) if vis.ndim == 3 else vis
-
-
 def composite(ir: np.ndarray, vis: np.ndarray) -> np.ndarray:
     """3-channel uint8 image showing both sources (IR, visible gray, their maximum)."""
-    g = gray_of(vis)
+    g = gray_u8(vis)
     return np.dstack([ir, g, np.maximum(ir, g)])
 
 

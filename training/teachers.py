@@ -24,16 +24,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ivf_ros.model import _COEFF_OFFSET, FusionStudent
+from ivf_ros.model import _COEFF_OFFSET, FusionStudent, _block
 
 from .priors import PRIOR_CHANNELS
 
 TEACHER_KEY = "ivf_ros_teacher"
-
-
-def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 def _encoder(cin: int, w: int) -> nn.Sequential:

@@ -21,11 +21,11 @@ import cv2
 import numpy as np
 import torch
 
+from ivf_ros.imageops import gray_u8
+
 from .datasets import Sample, load_pairs
-from .priors import gray_of
 from .train import resolve_root
 
-TEXT_DIM = 384
 OBJECT_NAMES = ("person", "bicycle", "car")
 
 
@@ -44,7 +44,7 @@ def _objects_phrase(boxes) -> str:
 
 def describe(sample: Sample) -> str:
     """A factual one-paragraph description of a pair (see the module docstring)."""
-    vis = gray_of(sample.vis)
+    vis = gray_u8(sample.vis)
     brightness = float(vis.mean())
     suffix = sample.stem[-1:].upper()
     if suffix in ("D", "N") and sample.stem[:-1].isdigit():
