@@ -222,8 +222,7 @@ def config_command(argv, description: str, load, run, default_out: str) -> int:
 
 
 def main(argv=None) -> int:
-    return config_command(argv, __doc__, load_config, lambda cfg, out, resume: train(cfg, out, resume=resume),
-                          "runs/student")
+    return config_command(argv, __doc__, load_config, train, "runs/student")
 
 
 if __name__ == "__main__":
