@@ -10,7 +10,7 @@ import yaml
 from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import data_root
 from training.datasets import IGNORE, CropDataset, box_mask, load_pairs
-from training.losses import fusion_loss, sobel_magnitude, ssim
+from training.losses import dominant_gradient_loss, fusion_loss, sobel, sobel_magnitude, ssim
 from training.train import load_config, main as train_main, set_entry, train
 
 CLASSES = ["background", "person", "bicycle", "car"]
@@ -78,6 +78,9 @@ def test_losses_are_zero_or_one_where_they_should_be():
     x = torch.rand(2, 1, 32, 32)
     assert ssim(x, x).item() == pytest.approx(1.0, abs=1e-4)
     assert sobel_magnitude(torch.ones(1, 1, 8, 8)).abs().max().item() == 0.0
+    x = torch.rand(1, 1, 16, 16)
+    assert dominant_gradient_loss(sobel(x), sobel(x), sobel(0.5 * x)).item() == 0.0  # follows the stronger edge
+    assert dominant_gradient_loss(sobel(0.5 * x), sobel(x), sobel(0.5 * x)).item() > 0.0
     terms = fusion_loss(torch.maximum(x, 1 - x), x, 1 - x, {"intensity": 1.0})
     assert terms["intensity"].item() == pytest.approx(0.0)
 

@@ -29,10 +29,11 @@ def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
     return gx.abs() + gy.abs()
 
 
-def dominant_gradient_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+def dominant_gradient_loss(fused_grad, ir_grad, vis_grad) -> torch.Tensor:
     """L1 between the fused gradient vector and, per pixel, the gradient vector of the source whose edge is
-    stronger: strength and orientation, which is what the Qabf edge-preservation metric measures."""
-    (fx, fy), (ix, iy), (vx, vy) = sobel(fused), sobel(ir), sobel(vis)
+    stronger: strength and orientation, which is what the Qabf edge-preservation metric measures.
+    Arguments: the Sobel (gx, gy) of the fused image, IR and visible."""
+    (fx, fy), (ix, iy), (vx, vy) = fused_grad, ir_grad, vis_grad
     ir_wins = ix.abs() + iy.abs() >= vx.abs() + vy.abs()
     return F.l1_loss(fx, torch.where(ir_wins, ix, vx)) + F.l1_loss(fy, torch.where(ir_wins, iy, vy))
 
@@ -67,13 +68,15 @@ def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor, weight
     """Weighted fusion loss terms; ``weights`` keys: intensity, gradient, ssim, gradient_vector,
     difference_correlation.
     Returns the terms and their weighted sum as 'total'."""
+    grads = [sobel(x) for x in (fused, ir, vis)]  # once, for the gradient and gradient_vector terms
+    g_fused, g_ir, g_vis = ((gx.abs() + gy.abs()) for gx, gy in grads)
     terms = {
         "intensity": F.l1_loss(fused, torch.maximum(ir, vis)),
-        "gradient": F.l1_loss(sobel_magnitude(fused), torch.maximum(sobel_magnitude(ir), sobel_magnitude(vis))),
+        "gradient": F.l1_loss(g_fused, torch.maximum(g_ir, g_vis)),
         "ssim": 1.0 - 0.5 * (ssim(fused, ir) + ssim(fused, vis)),
     }
     if weights.get("gradient_vector"):
-        terms["gradient_vector"] = dominant_gradient_loss(fused, ir, vis)
+        terms["gradient_vector"] = dominant_gradient_loss(*grads)
     if weights.get("difference_correlation"):
         terms["difference_correlation"] = difference_correlation_loss(fused, ir, vis)
     terms["total"] = sum(weights.get(k, 0.0) * v for k, v in terms.items())
