@@ -26,15 +26,14 @@ from tqdm import tqdm
 
 from ivf_ros.bench import time_interleaved
 from ivf_ros.checkpoint import load_checkpoint
-from ivf_ros.data import msrs_split
 from ivf_ros.metrics import TRIVIAL_FUSIONS, BoxScorer, f1_interval, fusion_metrics, to_gray
 from ivf_ros.model import count_parameters
 
-from .datasets import Sample, load_pairs, to_tensors
-from .distill import PRIOR_TEACHERS, PriorCondition, TextCondition
+from .datasets import Sample, to_tensors
+from .distill import CONDITIONING, make_condition
 from .teachers import load_teacher, read_teacher_metadata
 from .text_priors import description_key
-from .train import resolve_root
+from .train import load_split, resolve_root
 
 METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
 CLASSES = ["background", "person", "bicycle", "car"]
@@ -42,15 +41,9 @@ CLASSES = ["background", "person", "bicycle", "car"]
 
 def load_datasets(names: list[str], limit: int | None) -> dict[str, list[Sample]]:
     """MSRS: its validation part; any other folder: all pairs. ``limit`` keeps the first N of each."""
-    out = {}
-    for name in names:
-        root = resolve_root(name)
-        samples = load_pairs(root, "pairs", CLASSES)
-        if root.name == "msrs":
-            val = set(msrs_split([s.stem for s in samples])[1])
-            samples = [s for s in samples if s.stem in val]
-        out[root.name] = samples[:limit] if limit else samples
-    return out
+    roots = [resolve_root(name) for name in names]
+    return {root.name: load_split({"root": str(root), "split": "val" if root.name == "msrs" else "all",
+                                   "limit": limit}, CLASSES) for root in roots}
 
 
 class Entry:
@@ -62,10 +55,9 @@ class Entry:
         keyed = [(description_key(d, s.stem), s) for d, samples in datasets.items() for s in samples]
         if meta is not None:
             self.model, meta = load_teacher(path)
-            if meta["teacher"] in PRIOR_TEACHERS:
-                self.condition = PriorCondition(args.priors or meta["conditioning"]["priors"], keyed)
-            else:
-                self.condition = TextCondition(args.descriptions or meta["conditioning"]["descriptions"], keyed)
+            reads = CONDITIONING[meta["teacher"]]
+            override = args.priors if reads == "priors" else args.descriptions
+            self.condition = make_condition(meta["teacher"], override or meta["conditioning"][reads], keyed)
             self.kind = f"{meta['teacher']} teacher"
             self.source = self.condition.source
         else:

@@ -55,7 +55,7 @@ from .train import (checkpoint_metadata, config_command, load_config, load_split
 from .validate import validate
 
 DISTILL_TERMS = ("feature", "context", "output", "contrast", "segment")
-PRIOR_TEACHERS = ("sage", "fusionsam")  # teachers conditioned on the prior cache; "text" on descriptions
+CONDITIONING = {"sage": "priors", "fusionsam": "priors", "text": "descriptions"}  # what each teacher reads
 
 
 class PriorCondition:
@@ -89,11 +89,15 @@ class TextCondition:
         return self.vectors[key]
 
 
-def make_condition(cfg: dict, keyed: list[tuple[str, Sample]]):
-    """The teacher's conditioning for its kind: priors (sage, fusionsam) or text embeddings (text)."""
-    if cfg["teacher"]["name"] in PRIOR_TEACHERS:
-        return PriorCondition(cfg["priors"], keyed)
-    return TextCondition(cfg["text"]["descriptions"], keyed)
+def make_condition(teacher: str, path: str | Path, keyed: list[tuple[str, Sample]]):
+    """The conditioning a teacher kind reads: a prior cache folder or a descriptions JSON at ``path``."""
+    kind = PriorCondition if CONDITIONING[teacher] == "priors" else TextCondition
+    return kind(path, keyed)
+
+
+def conditioning_path(cfg: dict) -> str:
+    """Where a distillation config keeps its teacher's conditioning: ``priors`` or ``text.descriptions``."""
+    return cfg["priors"] if CONDITIONING[cfg["teacher"]["name"]] == "priors" else cfg["text"]["descriptions"]
 
 
 class ConditionedCrops(Dataset):
@@ -180,7 +184,7 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
     classes, tc, wl, tcfg = cfg["classes"], cfg["train"], cfg["loss"], cfg["teacher"]
     device = device_of(cfg)
     keyed = load_keyed(cfg["data"], classes)
-    condition = make_condition(cfg, keyed)
+    condition = make_condition(tcfg["name"], conditioning_path(cfg), keyed)
     cfg["prior_source"] = condition.source
     warmup, per_round = int(tcfg.get("warmup", 0)), int(tcfg.get("steps_per_round", 1))
     teacher_steps = warmup + tc["steps"] * per_round
@@ -315,8 +319,7 @@ def load_teacher_weights(path: Path, teacher: nn.Module) -> dict:
 
 def teacher_metadata(cfg: dict, teacher: nn.Module, condition) -> dict:
     """What the student checkpoint and the teacher file record about the teacher and its conditioning."""
-    conditioning = ({"priors": str(cfg["priors"])} if cfg["teacher"]["name"] in PRIOR_TEACHERS
-                    else {"descriptions": str(cfg["text"]["descriptions"])})
+    conditioning = {CONDITIONING[cfg["teacher"]["name"]]: str(conditioning_path(cfg))}
     return {"name": cfg["teacher"]["name"], "hyper_parameters": teacher.hp, "parameters": count_parameters(teacher),
             "prior_source": condition.source, "conditioning": conditioning,
             "init": cfg["teacher"].get("init"), "warmup": int(cfg["teacher"].get("warmup", 0)),
@@ -328,9 +331,9 @@ def load_distill_config(path: str | Path) -> dict:
     for key in ("teacher", "distill"):
         if key not in cfg:
             raise ValueError(f"{path}: config lacks '{key}'")
-    needs = {"sage": "priors", "fusionsam": "priors", "text": "text"}.get(cfg["teacher"].get("name"))
-    if needs is None:
+    if cfg["teacher"].get("name") not in CONDITIONING:
         raise ValueError(f"{path}: teacher.name must be sage, fusionsam or text")
+    needs = "priors" if CONDITIONING[cfg["teacher"]["name"]] == "priors" else "text"
     if needs not in cfg:
         raise ValueError(f"{path}: a {cfg['teacher']['name']} teacher needs '{needs}'")
     return cfg
