@@ -142,11 +142,15 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int):
+    def draw(self, index: int) -> tuple[int, tuple[slice, slice], bool]:
+        """The crop of item ``index`` (deterministic for the seed): sample position, window, flip."""
         rng = np.random.default_rng((self.seed, index))
-        s = self.samples[rng.integers(len(self.samples))]
-        window, flip = random_window(s, self.crop, rng)
-        ir, vis, target = crop_sample(s, window, flip)
+        i = int(rng.integers(len(self.samples)))
+        return (i, *random_window(self.samples[i], self.crop, rng))
+
+    def __getitem__(self, index: int):
+        i, window, flip = self.draw(index)
+        ir, vis, target = crop_sample(self.samples[i], window, flip)
         ir_t, vis_y, ycrcb = to_tensors(ir, vis)
         return ir_t, vis_y, ycrcb, torch.from_numpy(target).long()
 

@@ -38,14 +38,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.imageops import gray_u8
 from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
 
-from .datasets import Sample, crop_sample, random_window, to_tensors
+from .datasets import CropDataset, Sample, crop_sample, to_tensors
 from .losses import fusion_loss, segmentation_loss, sobel_magnitude
 from .priors import Prior, PriorCache, prior_channels
 from .teachers import build_teacher, read_teacher_metadata, save_teacher
@@ -100,25 +100,20 @@ def conditioning_path(cfg: dict) -> str:
     return cfg["priors"] if CONDITIONING[cfg["teacher"]["name"]] == "priors" else cfg["text"]["descriptions"]
 
 
-class ConditionedCrops(Dataset):
-    """Random crops with flips (half of them centred on an object where targets exist), with the condition."""
+class ConditionedCrops(CropDataset):
+    """The training crops of ``CropDataset``, each with the teacher's condition for its pair and window."""
 
     def __init__(self, keyed: list[tuple[str, Sample]], condition, crop: int, length: int, seed: int = 0):
-        self.items = [(k, s) for k, s in keyed if min(s.ir.shape[:2]) >= crop]
-        if not self.items:
-            raise ValueError(f"no training pair is at least {crop}x{crop}")
-        self.condition, self.crop, self.length, self.seed = condition, crop, length, seed
-
-    def __len__(self) -> int:
-        return self.length
+        super().__init__([s for _, s in keyed], crop, length, seed)
+        keys = {id(s): k for k, s in keyed}
+        self.keys, self.condition = [keys[id(s)] for s in self.samples], condition
 
     def __getitem__(self, index: int):
-        rng = np.random.default_rng((self.seed, index))
-        key, s = self.items[rng.integers(len(self.items))]
-        window, flip = random_window(s, self.crop, rng)
+        i, window, flip = self.draw(index)
+        s = self.samples[i]
         ir, vis, target = crop_sample(s, window, flip)
         ir_t, vis_y, _ = to_tensors(ir, vis)
-        return ir_t, vis_y, torch.from_numpy(target).long(), self.condition(key, s, window, flip)
+        return ir_t, vis_y, torch.from_numpy(target).long(), self.condition(self.keys[i], s, window, flip)
 
 
 def _context(x: torch.Tensor, grid: int = 8) -> torch.Tensor:
