@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
+ONNX_BACKENDS = BACKENDS[2:]  # run exported ONNX (and so can take an onnx_path)
 INPUT_NAMES = ("ir", "vis_y")
 POOL_FACTOR = 4  # model.base_layer's default: the only adaptive pooling in the exported networks
 DEFAULT_ENGINE_CACHE = Path(os.environ.get("IVF_ENGINE_CACHE", Path.home() / ".cache" / "ivf_ros" / "tensorrt"))
@@ -304,7 +305,7 @@ def make_backend(name: str, model: nn.Module | None, device: str | torch.device 
         if model is None:
             raise ValueError(f"backend '{name}' needs a model")
         return TorchBackend(model, device, half=half, compile=name == "compile", cuda_graphs=cuda_graphs)
-    if name in ("onnxruntime", "tensorrt"):
+    if name in ONNX_BACKENDS:
         if name == "tensorrt" and device.type != "cuda":
             raise ValueError("backend 'tensorrt' needs a CUDA device")
         return OnnxRuntimeBackend(model, onnx_path, device, tensorrt=name == "tensorrt", half=half,

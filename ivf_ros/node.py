@@ -32,7 +32,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
 
 from . import ros_image
-from .backends import BACKENDS
+from .backends import BACKENDS, ONNX_BACKENDS
 from .checkpoint import default_checkpoint, read_metadata
 from .imageops import IRNormalizer
 from .pipeline import FusionPipeline, resolve_device
@@ -152,7 +152,7 @@ def build_settings(values: dict) -> Settings:
         if spec.choices and values[name] not in spec.choices:
             raise ValueError(f"{name} must be one of {', '.join(spec.choices)}, not '{values[name]}'")
     resolve_device(values["device"])
-    if values["backend"] in ("onnxruntime", "tensorrt") and importlib.util.find_spec("onnxruntime") is None:
+    if values["backend"] in ONNX_BACKENDS and importlib.util.find_spec("onnxruntime") is None:
         raise ValueError(f"backend '{values['backend']}' needs the onnxruntime package, which is not installed")
     if values["onnx_path"] and not Path(values["onnx_path"]).expanduser().is_file():
         raise ValueError(f"onnx_path: {values['onnx_path']}: no such ONNX file")
@@ -315,10 +315,9 @@ class FusionNode(LifecycleNode):
         self.settings = build_settings(self._values())
         values = self.settings.values
         self._set_threads()  # threads may have changed while inactive
-        onnx_path = str(Path(values["onnx_path"]).expanduser()) if values["onnx_path"] else None
-        if onnx_path and values["backend"] not in ("onnxruntime", "tensorrt"):
+        onnx_path = Path(values["onnx_path"]).expanduser() if values["onnx_path"] else None
+        if onnx_path and values["backend"] not in ONNX_BACKENDS:
             self.get_logger().warning(f"onnx_path is ignored by backend '{values['backend']}'")
-            onnx_path = None
         self.pipeline = FusionPipeline(values["checkpoint"] or None, values["device"], values["half"],
                                        self.settings.normalizer, self.settings.registration,
                                        backend=values["backend"], onnx_path=onnx_path)

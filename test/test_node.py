@@ -332,14 +332,9 @@ def test_bad_parameters_are_rejected_with_a_reason(ros, name, value, reason):
 
 def test_parameters_over_the_service_apply_live(ros, tmp_path):
     node, h = ros
-    client = h.node.create_client(SetParameters, "/fusion_node/set_parameters")
-    assert client.wait_for_service(timeout_sec=5.0)
 
     def set_remote(name, value):
-        request = SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()])
-        future = client.call_async(request)
-        assert h.wait(future.done, timeout=5.0)
-        return future.result().results[0]
+        return _set_remote(h, name, value)
 
     result = set_remote("sync.queue_size", 0)
     assert not result.successful and "out of range" in result.reason
