@@ -10,7 +10,8 @@ import yaml
 from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import data_root
 from training.datasets import IGNORE, CropDataset, box_mask, load_pairs
-from training.losses import dominant_gradient_loss, fusion_loss, sobel, sobel_magnitude, ssim
+from training.losses import (difference_correlation_loss, dominant_gradient_loss, fusion_loss, sobel, sobel_magnitude,
+                             ssim)
 from training.train import load_config, main as train_main, set_entry, train
 
 CLASSES = ["background", "person", "bicycle", "car"]
@@ -134,3 +135,9 @@ def test_set_overrides_dotted_keys_with_yaml_values():
         set_entry(cfg, "train.steps")
     with pytest.raises(SystemExit, match="not a section"):
         set_entry(cfg, "train.steps.x=1")
+
+
+def test_difference_correlation_is_zero_when_each_source_explains_the_others_share():
+    ir, vis = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    assert difference_correlation_loss(ir + vis, ir, vis).item() < 1e-5  # SCD = 2
+    assert difference_correlation_loss(vis, ir, vis).item() > 0.5  # nothing of the IR added

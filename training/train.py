@@ -134,32 +134,31 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
     if step == 0:
         validate_and_keep_best()  # the starting point (max fusion, untrained head) is the bar to beat
     model.train()
-    losses = open(out / "losses.jsonl", "a")
-    while step < tc["steps"]:
-        try:
-            ir, vis_y, _, target = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            continue
-        fused, logits = model(ir, vis_y)
-        terms = fusion_loss(fused, ir, vis_y, wl)
-        seg = segmentation_loss(logits, target, class_weights)
-        loss = terms["total"] + wl.get("segmentation", 0.0) * seg
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", seg=f"{seg.item():.3f}")
-        losses.write(json.dumps({"step": step, "loss": loss.item(), "segmentation": seg.item(),
-                                 **{k: v.item() for k, v in terms.items() if k != "total"}}) + "\n")
-        if step % tc["val_every"] == 0 or step == tc["steps"]:
-            validate_and_keep_best()
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "step": step, "best": json.dumps(best)}, state_path)
+    with open(out / "losses.jsonl", "a") as losses:
+        while step < tc["steps"]:
+            try:
+                ir, vis_y, _, target = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                continue
+            fused, logits = model(ir, vis_y)
+            terms = fusion_loss(fused, ir, vis_y, wl)
+            seg = segmentation_loss(logits, target, class_weights)
+            loss = terms["total"] + wl.get("segmentation", 0.0) * seg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", seg=f"{seg.item():.3f}")
+            losses.write(json.dumps({"step": step, "loss": loss.item(), "segmentation": seg.item(),
+                                     **{k: v.item() for k, v in terms.items() if k != "total"}}) + "\n")
+            if step % tc["val_every"] == 0 or step == tc["steps"]:
+                validate_and_keep_best()
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "step": step, "best": json.dumps(best)}, state_path)
     bar.close()
-    losses.close()
     return best
 
 
