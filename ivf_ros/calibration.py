@@ -31,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .imageops import write_image
 from .registration import Registration
 
 MODELS = ("homography", "affine")
@@ -709,6 +710,4 @@ def render_overlay(ir: np.ndarray, vis: np.ndarray, reg: Registration, tiles: in
 def write_overlay(path: str | Path, ir: np.ndarray, vis: np.ndarray, reg: Registration, **kw) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), render_overlay(ir, vis, reg, **kw)):
-        raise OSError(f"{path}: cannot write overlay image")
-    return path
+    return write_image(path, render_overlay(ir, vis, reg, **kw))

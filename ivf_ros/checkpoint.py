@@ -9,13 +9,15 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .model import ARCHITECTURES, build_model
 
 METADATA_KEY = "ivf_ros"
 REQUIRED_KEYS = ("architecture", "hyper_parameters", "classes", "palette")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype names of floating-point tensors
+_SAFETENSORS_DTYPE = {torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "ivf_student.safetensors"
 
 
@@ -42,9 +44,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, metadata: dict) ->
     meta = dict(metadata)
     meta.setdefault("architecture", getattr(model, "architecture", None))
     meta.setdefault("hyper_parameters", model.hyper_parameters() if hasattr(model, "hyper_parameters") else None)
-    missing = [k for k in REQUIRED_KEYS if k not in meta or meta[k] is None]
-    if missing:
-        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)}")
+    validate_metadata({k: v for k, v in meta.items() if v is not None}, path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -52,61 +52,133 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, metadata: dict) ->
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The metadata block of a checkpoint, validated."""
+    """The metadata block of a checkpoint, validated (types and ranges); reads the header only."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
-    if METADATA_KEY not in header:
-        raise CheckpointError(f"{path}: safetensors file has no '{METADATA_KEY}' metadata block")
-    try:
-        meta = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: metadata is not valid JSON ({exc.msg})") from None
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)}")
-    if meta["architecture"] not in ARCHITECTURES:
-        raise CheckpointError(
-            f"{path}: unknown architecture '{meta['architecture']}' (known: {', '.join(ARCHITECTURES)})"
-        )
-    if len(meta["classes"]) != len(meta["palette"]):
-        raise CheckpointError(f"{path}: {len(meta['classes'])} classes but {len(meta['palette'])} palette colours")
+    meta = json_metadata(path, _header(path)[0])
+    validate_metadata(meta, path)
     return meta
 
 
-def load_checkpoint(path: str | Path | None = None, device: str | torch.device = "cpu"):
-    """Build the model a checkpoint describes and load its weights. Returns ``(model.eval(), metadata)``."""
-    path = Path(path) if path else default_checkpoint()
-    meta = read_metadata(path)
-    try:
-        model = build_model(meta["architecture"], meta["hyper_parameters"])
-    except TypeError as exc:
-        raise CheckpointError(f"{path}: bad hyper-parameters for {meta['architecture']} ({exc})") from None
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: weights are unreadable ({_one_line(exc)})") from None
-    expected = model.state_dict()
+def validate_checkpoint_file(path: str | Path) -> dict:
+    """Check a checkpoint without building the model or reading its weights: the metadata, and every tensor's name,
+    dtype and shape against the architecture (instantiated on the meta device, so nothing is allocated).
+    Returns the metadata; raises ``CheckpointError``. Cheap enough for a set-parameter callback."""
+    path = Path(path)
+    header, tensors = _header(path)
+    meta = json_metadata(path, header)
+    validate_metadata(meta, path)
+    with torch.device("meta"):
+        expected = build_model(meta["architecture"], meta["hyper_parameters"]).state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise CheckpointError(f"{path}: weights do not match {meta['architecture']} ({what})")
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
+    for name, (dtype, shape) in tensors.items():
+        want = expected[name]
+        if want.is_floating_point() and dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} is stored as {dtype}, {meta['architecture']} needs "
+                                  f"floating-point weights ({', '.join(FLOAT_DTYPES)})")
+        if not want.is_floating_point() and dtype != _SAFETENSORS_DTYPE.get(want.dtype):
+            raise CheckpointError(f"{path}: tensor {name} is stored as {dtype}, {meta['architecture']} needs "
+                                  f"{_SAFETENSORS_DTYPE.get(want.dtype, want.dtype)}")
+        if tuple(shape) != tuple(want.shape):
             raise CheckpointError(
-                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                f"{meta['architecture']} needs {tuple(expected[name].shape)}"
+                f"{path}: tensor {name} has shape {tuple(shape)}, {meta['architecture']} needs {tuple(want.shape)}"
             )
+    return meta
+
+
+def validate_metadata(meta, path: str | Path) -> None:
+    """Types and ranges of the metadata block, hyper-parameters within the limits the architecture declares
+    (``hyper_parameter_limits`` next to it in ``ivf_ros.model``); raises ``CheckpointError``."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: metadata must be a JSON object, not {type(meta).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)}")
+    arch = meta["architecture"]
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{path}: architecture must be a string, not {_short(arch)}")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: unknown architecture {_short(arch)} (known: {', '.join(ARCHITECTURES)})")
+    hp = meta["hyper_parameters"]
+    if not isinstance(hp, dict):
+        raise CheckpointError(f"{path}: hyper_parameters must be an object, not {_short(hp)}")
+    limits = getattr(ARCHITECTURES[arch], "hyper_parameter_limits", {})
+    for key, value in hp.items():
+        if key not in limits:
+            raise CheckpointError(f"{path}: {arch} has no hyper-parameter {_short(key)} "
+                                  f"(known: {', '.join(limits) or 'none'})")
+        kind, low, high = limits[key]
+        if isinstance(value, bool) or not (isinstance(value, kind) or (kind is float and isinstance(value, int))):
+            raise CheckpointError(f"{path}: hyper-parameter {key} must be {kind.__name__}, not {_short(value)}")
+        if not low <= value <= high:
+            raise CheckpointError(f"{path}: hyper-parameter {key} = {value} is outside [{low}, {high}] for {arch}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise CheckpointError(f"{path}: classes must be a non-empty list of names, not {_short(classes)}")
+    if "num_classes" in hp and hp["num_classes"] != len(classes):
+        raise CheckpointError(f"{path}: {len(classes)} classes but hyper-parameter num_classes = {hp['num_classes']}")
+    palette = meta["palette"]
+    if not isinstance(palette, list):
+        raise CheckpointError(f"{path}: palette must be a list of [r, g, b] colours, not {_short(palette)}")
+    if len(classes) != len(palette):
+        raise CheckpointError(f"{path}: {len(classes)} classes but {len(palette)} palette colours")
+    for i, colour in enumerate(palette):
+        if not (isinstance(colour, list) and len(colour) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in colour)):
+            raise CheckpointError(f"{path}: palette colour {i} must be [r, g, b] integers 0..255, not {_short(colour)}")
+
+
+def json_metadata(path: Path, header: dict) -> dict:
+    """The parsed ``ivf_ros`` block of a safetensors header's metadata."""
+    if METADATA_KEY not in header:
+        raise CheckpointError(f"{path}: safetensors file has no '{METADATA_KEY}' metadata block")
+    try:
+        return json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: metadata is not valid JSON ({exc.msg})") from None
+
+
+def _header(path: Path) -> tuple[dict, dict]:
+    """(string metadata, {tensor name: (safetensors dtype, shape)}) from the file's header, no tensor data read."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
+            return f.metadata() or {}, tensors
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+
+
+def load_checkpoint(path: str | Path | None = None, device: str | torch.device = "cpu"):
+    """Build the model a checkpoint describes and load its weights. Returns ``(model.eval(), metadata)``.
+
+    Everything ``validate_checkpoint_file`` checks is checked before the model is built; weights must be finite."""
+    path = Path(path) if path else default_checkpoint()
+    meta = validate_checkpoint_file(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: weights are unreadable ({_one_line(exc)})") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
+    model = build_model(meta["architecture"], meta["hyper_parameters"])
     model.load_state_dict(tensors)
     return model.to(device).eval(), meta
+
+
+def _short(value) -> str:
+    """A one-line, bounded description of a metadata value for error messages."""
+    text = " ".join(json.dumps(value).split()) if isinstance(value, (list, dict)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _one_line(exc: Exception) -> str:

@@ -31,10 +31,19 @@ def data_root() -> Path:
 
 
 def list_images(folder: str | Path) -> dict[str, Path]:
+    """Stem -> image file of a folder; two images with one stem (``a.png`` beside ``a.jpg``) are an error."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PairingError(f"{folder}: no such folder")
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    images: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if p.stem in images:
+            raise PairingError(f"{folder}: {images[p.stem].name} and {p.name} share the stem '{p.stem}' "
+                               "(keep one of them)")
+        images[p.stem] = p
+    return images
 
 
 def find_pairs(ir_dir: str | Path, vis_dir: str | Path, allow_unmatched: bool = False) -> list[Pair]:
@@ -65,12 +74,25 @@ def read_ir(path: str | Path) -> np.ndarray:
 
 
 def read_vis(path: str | Path) -> np.ndarray:
-    """Visible image as BGR uint8, or gray uint8 when the file is single-channel."""
+    """Visible image as BGR uint8, or gray uint8 when the file is single-channel.
+
+    16-bit files are scaled by full scale (65535 -> 255); floating-point files must hold [0, 1] (scaled to
+    0..255), anything else is refused rather than guessed."""
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ValueError(f"{path}: cannot read image")
-    if img.dtype != np.uint8:
-        img = (img / 257.0).astype(np.uint8)
+    if img.dtype == np.uint16:
+        img = np.round(img / 257.0).astype(np.uint8)
+    elif img.dtype.kind == "f":
+        if not np.isfinite(img).all():
+            raise ValueError(f"{path}: {img.dtype} visible image holds NaN or infinite values")
+        low, high = float(img.min()), float(img.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"{path}: {img.dtype} visible image has values in [{low:g}, {high:g}]; floating-point "
+                             "visible images must hold [0, 1] (or store 8/16-bit integers)")
+        img = np.round(img * 255.0).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise ValueError(f"{path}: {img.dtype} visible images are not supported (8/16-bit integers or [0, 1] floats)")
     if img.ndim == 3 and img.shape[2] == 4:
         img = img[..., :3]
     return img

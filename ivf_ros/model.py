@@ -43,6 +43,9 @@ class FusionStudent(nn.Module):
     """Fast fusion + segmentation network; see the module docstring for the fusion rule."""
 
     architecture = ARCHITECTURE
+    # Hyper-parameter -> (type, smallest, largest) a checkpoint may ask for; checked before the model is built.
+    # 255 classes at most: class ids travel as uint8 (255 is the training IGNORE label).
+    hyper_parameter_limits = {"num_classes": (int, 1, 255), "width": (int, 1, 256)}
 
     def __init__(self, num_classes: int = 4, width: int = 16):
         super().__init__()

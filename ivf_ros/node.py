@@ -156,16 +156,15 @@ def build_settings(values: dict) -> Settings:
         raise ValueError(f"backend '{values['backend']}' needs the onnxruntime package, which is not installed")
     if values["onnx_path"] and not Path(values["onnx_path"]).expanduser().is_file():
         raise ValueError(f"onnx_path: {values['onnx_path']}: no such ONNX file")
-    for key, mode in (("ir.fixed_range", "fixed"), ("ir.percentiles", "percentile")):
+    for key, field in (("ir.fixed_range", "fixed_range"), ("ir.percentiles", "percentiles")):
         if len(values[key]) != 2:
             raise ValueError(f"{key} must be [low, high], got {len(values[key])} numbers")
         try:
-            IRNormalizer(mode, float(values[key][0]), float(values[key][1]), float(values["ir.smoothing"]))
+            IRNormalizer(**{field: values[key]}, smoothing=float(values["ir.smoothing"]))
         except ValueError as exc:
             raise ValueError(f"{key}: {exc}") from None
-    mode = values["ir.normalization"]
-    low, high = values["ir.fixed_range"] if mode == "fixed" else values["ir.percentiles"]
-    normalizer = IRNormalizer(mode, float(low), float(high), float(values["ir.smoothing"]))
+    normalizer = IRNormalizer(values["ir.normalization"], values["ir.fixed_range"], values["ir.percentiles"],
+                              float(values["ir.smoothing"]))
     if values["registration.file"]:
         registration = Registration.load(values["registration.file"])
     else:

@@ -12,7 +12,7 @@ import torch
 
 from .backends import make_backend
 from .checkpoint import load_checkpoint
-from .imageops import IRNormalizer, colorize_labels, merge_luminance, split_luminance
+from .imageops import IRNormalizer, colorize_labels, merge_luminance, prepare_ir, split_luminance
 from .registration import Registration
 
 
@@ -74,11 +74,15 @@ class FusionPipeline:
         """Network only: registered IR and visible luminance in [0, 1] -> (fused luminance, class ids)."""
         return self.backend(ir01, vis_y)
 
-    def __call__(self, ir: np.ndarray, vis: np.ndarray) -> FusionResult:
+    def prepare(self, ir: np.ndarray, vis: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """What the network sees: (registered IR, visible luminance) float32 in [0, 1], and the visible chroma."""
         if ir.size == 0 or vis.size == 0:
             raise ValueError("empty image")
         vis_y, chroma = split_luminance(vis)
-        ir01 = self.registration.apply(self.ir_normalizer(ir), vis_y.shape)
+        return self.registration.apply(prepare_ir(ir, self.ir_normalizer), vis_y.shape), vis_y, chroma
+
+    def __call__(self, ir: np.ndarray, vis: np.ndarray) -> FusionResult:
+        ir01, vis_y, chroma = self.prepare(ir, vis)
         fused_y, labels = self.infer(ir01, vis_y)
         return FusionResult(merge_luminance(fused_y, chroma), labels, ir01)
 

@@ -7,12 +7,24 @@ visible size (the cameras are assumed to share a field of view).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
+
+
+MAX_FILE_BYTES = 1 << 16  # a homography file is a few hundred bytes
+MAX_SIDE = 1 << 16  # largest image side a recorded size may name
+
+
+def _is_number(v, finite: bool = True) -> bool:
+    """An int or (finite) float as YAML gives them; bools and strings are not numbers."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) or not finite or math.isfinite(v)
 
 
 class RegistrationError(ValueError):
@@ -30,9 +42,11 @@ class Registration:
 
     def __post_init__(self):
         m = np.asarray(self.matrix, dtype=np.float64)
-        if m.shape != (3, 3) or not np.all(np.isfinite(m)):
+        if m.shape != (3, 3):
             raise RegistrationError(f"homography must be a finite 3x3 matrix, got shape {m.shape}")
-        if abs(np.linalg.det(m)) < 1e-12:
+        if not np.all(np.isfinite(m)):
+            raise RegistrationError("homography must be a finite 3x3 matrix, it holds NaN or infinite values")
+        if np.linalg.cond(m) > 1e12:  # scale-free, unlike the determinant
             raise RegistrationError("homography is singular")
         self.matrix = m / m[2, 2] if abs(m[2, 2]) > 1e-12 else m
 
@@ -84,43 +98,61 @@ class Registration:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "homography") -> "Registration":
-        if not isinstance(d, dict) or "homography" not in d:
+        if not isinstance(d, dict):
+            raise RegistrationError(f"{source}: not a YAML mapping with a 'homography' key")
+        if "homography" not in d:
             raise RegistrationError(f"{source}: no 'homography' key")
+        rows = d["homography"]
+        if not (isinstance(rows, list) and all(isinstance(r, list) for r in rows)
+                and all(_is_number(v, finite=False) for r in rows for v in r)):
+            raise RegistrationError(f"{source}: 'homography' is not a 3x3 list of numbers")
         try:
-            m = np.asarray(d["homography"], dtype=np.float64).reshape(3, 3)
-        except (TypeError, ValueError):
+            m = np.asarray(rows, dtype=np.float64).reshape(3, 3)
+        except (ValueError, OverflowError):
             raise RegistrationError(f"{source}: 'homography' is not a 3x3 list of numbers") from None
 
         def size(key):
             v = d.get(key)
             if v is None:
                 return None
-            if len(v) != 2 or min(v) <= 0:
-                raise RegistrationError(f"{source}: '{key}' must be [width, height]")
+            if not (isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v)
+                    and all(0 < x <= MAX_SIDE and float(x).is_integer() for x in v)):
+                raise RegistrationError(f"'{key}' must be [width, height], whole numbers in 1..{MAX_SIDE}, "
+                                        f"not {v!r}"[:200])
             return int(v[0]), int(v[1])
 
-        def number(key):
+        def number(key, low, high):
             v = d.get(key)
             if v is None:
                 return None
-            try:
-                return float(v)
-            except (TypeError, ValueError):
-                raise RegistrationError(f"{source}: '{key}' must be a number") from None
+            if not (_is_number(v) and low <= v <= high):
+                raise RegistrationError(f"'{key}' must be a number in [{low}, {high}], not {v!r}"[:200])
+            return float(v)
 
         try:
-            return cls(m, size("ir_size"), size("vis_size"), str(d.get("method", "file")), number("residual_px"),
-                       number("confidence"))
+            return cls(m, size("ir_size"), size("vis_size"), str(d.get("method", "file")),
+                       number("residual_px", 0.0, 1e6), number("confidence", 0.0, 1.0))
         except RegistrationError as exc:
             raise RegistrationError(f"{source}: {exc}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Registration":
+        """Read a homography YAML; every problem is a ``RegistrationError`` naming the file and what is wrong."""
         path = Path(path)
-        if not path.is_file():
+        if path.is_dir():
+            raise RegistrationError(f"{path}: is a directory, not a homography file")
+        if not path.exists():
             raise RegistrationError(f"{path}: no such homography file")
+        if not path.is_file():
+            raise RegistrationError(f"{path}: not a regular file")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise RegistrationError(f"{path}: {size} bytes is too large for a homography file "
+                                    f"(at most {MAX_FILE_BYTES})")
         try:
             data = yaml.safe_load(path.read_text())
+        except UnicodeDecodeError:
+            raise RegistrationError(f"{path}: not a text file") from None
         except yaml.YAMLError as exc:
             raise RegistrationError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:120]})") from None
         return cls.from_dict(data, str(path))

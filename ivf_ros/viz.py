@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 
+from .imageops import write_image
+
 HEADER_PX = 22
 LABEL_PX = 16
 
@@ -69,12 +71,10 @@ def contact_sheet(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[str], 
 
 
 def write_png(path: str | Path, img: np.ndarray) -> Path:
-    """Write a PNG (creating folders); raises OSError when OpenCV cannot write it."""
+    """Write a PNG (creating folders); raises OSError when it cannot be written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), img, [cv2.IMWRITE_PNG_COMPRESSION, 9]):
-        raise OSError(f"{path}: cannot write PNG")
-    return path
+    return write_image(path, img, (cv2.IMWRITE_PNG_COMPRESSION, 9))
 
 
 def _pyplot():

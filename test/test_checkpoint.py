@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ivf_ros.checkpoint import CheckpointError, default_checkpoint, load_checkpoint, read_metadata, save_checkpoint
+from ivf_ros.checkpoint import (CheckpointError, default_checkpoint, load_checkpoint, read_metadata, save_checkpoint,
+                                 validate_checkpoint_file)
 from ivf_ros.model import FusionStudent
 
 META = {"classes": ["background", "person"], "palette": [[0, 0, 0], [255, 0, 0]], "training": {"data": "test"}}
@@ -95,3 +96,76 @@ def test_header_length_lies(tmp_path):
     path.write_bytes(struct.pack("<Q", 10**9) + b"{}")
     with pytest.raises(CheckpointError):
         read_metadata(path)
+
+
+def _write(path, meta_changes=None, tensor_change=None):
+    """A width-8 checkpoint with some metadata entries replaced and/or one tensor transformed."""
+    model = FusionStudent(num_classes=2, width=8)
+    save_checkpoint(path, model, META)
+    meta = {**read_metadata(path), **(meta_changes or {})}
+    tensors = dict(model.state_dict())
+    if tensor_change:
+        tensors["coeff_head.weight"] = tensor_change(tensors["coeff_head.weight"])
+    save_file(tensors, str(path), metadata={"ivf_ros": json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda t: torch.full_like(t, float("nan")), "NaN or infinite"),
+    (lambda t: torch.full_like(t, float("inf")), "NaN or infinite"),
+    (lambda t: t.to(torch.int32), "stored as I32"),
+    (lambda t: t.to(torch.bool), "stored as BOOL"),
+])
+def test_weights_must_be_finite_floats(tmp_path, change, reason):
+    path = _write(tmp_path / "w.safetensors", tensor_change=change)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert "w.safetensors" in _one_line(err.value) and reason in str(err.value)
+    assert "coeff_head.weight" in str(err.value)
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"hyper_parameters": {"num_classes": 2, "width": 100000}}, "width = 100000 is outside"),
+    ({"hyper_parameters": {"num_classes": 100000000, "width": 8}}, "num_classes = 100000000 is outside"),
+    ({"hyper_parameters": {"num_classes": 2, "width": 8.0}}, "width must be int"),
+    ({"hyper_parameters": {"num_classes": 2, "width": True}}, "width must be int"),
+    ({"hyper_parameters": {"num_classes": 2, "depth": 3}}, "no hyper-parameter 'depth'"),
+    ({"hyper_parameters": [2, 8]}, "hyper_parameters must be an object"),
+    ({"architecture": ["ivf_coeffnet"]}, "architecture must be a string"),
+    ({"classes": 2}, "classes must be a non-empty list"),
+    ({"classes": ["background", 7]}, "classes must be a non-empty list"),
+    ({"classes": ["background", "person", "car"], "palette": [[0, 0, 0]] * 3}, "num_classes = 2"),
+    ({"palette": [[0, 0, 0], [255, 0]]}, "palette colour 1"),
+    ({"palette": [[0, 0, 0], [256, 0, 0]]}, "palette colour 1"),
+    ({"palette": "red"}, "palette must be a list"),
+])
+def test_metadata_types_and_ranges_are_checked_before_building(tmp_path, changes, reason):
+    path = _write(tmp_path / "m.safetensors", changes)
+    for check in (read_metadata, validate_checkpoint_file, load_checkpoint):
+        with pytest.raises(CheckpointError) as err:
+            check(path)
+        assert "m.safetensors" in _one_line(err.value) and reason in str(err.value)
+
+
+def test_header_only_check_sees_shapes_and_dtypes_but_reads_no_weights(tmp_path):
+    good = _write(tmp_path / "good.safetensors")
+    assert validate_checkpoint_file(good)["classes"] == META["classes"]
+    nan = _write(tmp_path / "nan.safetensors", tensor_change=lambda t: torch.full_like(t, float("nan")))
+    assert validate_checkpoint_file(nan)["architecture"] == "ivf_coeffnet"  # values are only read by loading
+    with pytest.raises(CheckpointError, match="stored as I32"):
+        validate_checkpoint_file(_write(tmp_path / "i.safetensors", tensor_change=lambda t: t.to(torch.int32)))
+    with pytest.raises(CheckpointError, match="shape"):
+        validate_checkpoint_file(_write(tmp_path / "s.safetensors", tensor_change=lambda t: t[:1]))
+
+
+def test_directory_and_device_are_not_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory"):
+        validate_checkpoint_file(tmp_path)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        validate_checkpoint_file("/dev/zero")
+
+
+def test_save_refuses_metadata_it_could_not_load(tmp_path):
+    with pytest.raises(CheckpointError, match="palette colour 0"):
+        save_checkpoint(tmp_path / "m.safetensors", FusionStudent(num_classes=1, width=8),
+                        {"classes": ["a"], "palette": [[0, 0, 300]]})

@@ -84,16 +84,16 @@ def test_luminance_split_round_trip():
 
 def test_ir_normalizer_modes():
     raw = np.linspace(1000, 9000, 100 * 100).reshape(100, 100).astype(np.uint16)
-    fixed = IRNormalizer("fixed", low=1000, high=9000)(raw)
+    fixed = IRNormalizer("fixed", fixed_range=(1000, 9000))(raw)
     assert fixed.min() == pytest.approx(0.0) and fixed.max() == pytest.approx(1.0)
-    perc = IRNormalizer("percentile", low=1, high=99, smoothing=0.0)(raw)
+    perc = IRNormalizer("percentile", percentiles=(1, 99), smoothing=0.0)(raw)
     assert perc.dtype == np.float32 and 0.0 <= perc.min() and perc.max() <= 1.0
     norm = IRNormalizer("percentile", smoothing=0.9)
     norm(raw)
     hot = norm(raw + 4000)  # a sudden global shift only slowly moves the range: no flicker
     assert hot.mean() > 0.8
     with pytest.raises(ValueError):
-        IRNormalizer("fixed", low=5, high=5)
+        IRNormalizer("fixed", fixed_range=(5, 5))
     nan = np.full((4, 4), np.nan, np.float32)
     nan[0, 0] = 1.0
     assert np.isfinite(IRNormalizer("percentile")(nan)).all()

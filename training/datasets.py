@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ivf_ros.data import find_pairs, list_images, read_ir, read_vis, read_yolo_boxes
+from ivf_ros.imageops import gray_u8, prepare_ir, split_luminance
 
 IGNORE = 255
 
@@ -107,8 +108,8 @@ def load_pairs(root: str | Path, layout: str = "pairs", classes: list[str] | Non
         if stems is not None and pair.stem not in stems:
             continue
         ir, vis = read_ir(pair.ir), read_vis(pair.vis)
-        if ir.dtype != np.uint8:
-            ir = cv2.normalize(ir, None, 0, 255, cv2.NORM_MINMAX, cv2.CV_8U)
+        if ir.dtype != np.uint8:  # the served normalisation of the whole frame, kept at 8 bits like 8-bit IR
+            ir = gray_u8(prepare_ir(ir))
         if ir.shape[:2] != vis.shape[:2]:
             raise ValueError(f"{pair.stem}: IR {ir.shape[:2]} and visible {vis.shape[:2]} sizes differ")
         target, boxes = None, None
@@ -123,11 +124,13 @@ def load_pairs(root: str | Path, layout: str = "pairs", classes: list[str] | Non
 
 
 def to_tensors(ir: np.ndarray, vis: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(IR 1xHxW, visible luminance 1xHxW, visible YCrCb 3xHxW) float tensors in [0, 1]."""
-    ycrcb = cv2.cvtColor(vis, cv2.COLOR_BGR2YCrCb) if vis.ndim == 3 else np.dstack([vis, np.full_like(vis, 128),
-                                                                                      np.full_like(vis, 128)])
-    t = torch.from_numpy(ycrcb).permute(2, 0, 1).float() / 255.0
-    return torch.from_numpy(ir)[None].float() / 255.0, t[:1], t
+    """(IR 1xHxW, visible luminance 1xHxW, visible YCrCb 3xHxW) float tensors in [0, 1], prepared by the served
+    pipeline's functions (``ivf_ros.imageops.prepare_ir`` and ``split_luminance``); gray visible: neutral chroma."""
+    vis_y, chroma = split_luminance(vis)
+    chroma01 = (chroma.astype(np.float32) * np.float32(1.0 / 255.0) if chroma is not None
+                else np.full((*vis_y.shape, 2), 128.0 / 255.0, np.float32))
+    t = torch.from_numpy(np.dstack([vis_y, chroma01])).permute(2, 0, 1)
+    return torch.from_numpy(prepare_ir(ir))[None], t[:1], t
 
 
 class CropDataset(Dataset):

@@ -9,6 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data import find_pairs, msrs_split, read_yolo_boxes
+from ..imageops import gray_u8
 from ..metrics import FUSION_METRICS, TRIVIAL_FUSIONS, BoxScorer, fusion_metrics, to_gray
 from ..model import count_parameters
 from .fuse import add_pipeline_arguments, make_pipeline, read_checked_pair
@@ -40,7 +41,7 @@ def evaluate(args) -> dict:
         elapsed = time.perf_counter() - start
         if i:  # the first pair includes warm-up
             times.append(elapsed)
-        ir = np.round(result.ir_registered.astype(np.float64) * 255.0)
+        ir = gray_u8(result.ir_registered).astype(np.float64)  # 8-bit IR, as training validation scores it
         vis_g = to_gray(vis)
         fused = {"model": to_gray(result.fused)}
         fused.update({name: f(ir, vis_g) for name, f in TRIVIAL_FUSIONS.items()})

@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 from tqdm import tqdm
 
 from ..data import find_pairs, read_ir, read_vis
-from ..imageops import IRNormalizer
+from ..imageops import IRNormalizer, write_image
 from ..pipeline import FusionPipeline
 from ..registration import Registration
 
@@ -22,12 +21,18 @@ def add_pipeline_arguments(p) -> None:
     p.add_argument("--homography", help="IR->visible registration YAML (from `ivf calibrate`)")
     p.add_argument("--resize", action="store_true", help="resize IR to the visible size when the sizes differ")
     p.add_argument("--ir-norm", choices=("auto", "fixed", "percentile"), default="auto",
-                   help="IR normalisation: auto = full scale for 8-bit, per-image percentiles otherwise")
+                   help="IR normalisation: auto = full scale for 8-bit, per-image percentiles otherwise; "
+                        "fixed = --ir-range; percentile = --ir-percentiles")
+    p.add_argument("--ir-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   help="fixed mode: raw IR values mapped to black and white (default: the image dtype's full scale, "
+                        "0 255 for 8-bit, 0 65535 for 16-bit)")
+    p.add_argument("--ir-percentiles", nargs=2, type=float, metavar=("LOW", "HIGH"), default=(1.0, 99.0),
+                   help="percentile mode: per-image percentiles mapped to black and white (default: 1 99)")
 
 
 def make_pipeline(args) -> FusionPipeline:
     registration = Registration.load(args.homography) if args.homography else Registration()
-    norm = IRNormalizer(args.ir_norm, smoothing=0.0)  # independent images: no temporal smoothing
+    norm = IRNormalizer(args.ir_norm, args.ir_range, args.ir_percentiles, smoothing=0.0)  # independent images
     return FusionPipeline(args.checkpoint, args.device, ir_normalizer=norm, registration=registration)
 
 
@@ -57,9 +62,9 @@ def run(args) -> int:
         (labels_out / "classes.json").write_text(json.dumps(pipe.classes) + "\n")
     for pair in tqdm(pairs, desc="fuse", unit="pair"):
         result = pipe(*read_checked_pair(pair, args))
-        cv2.imwrite(str(out / f"{pair.stem}.png"), result.fused)
+        write_image(str(out / f"{pair.stem}.png"), result.fused)
         if labels_out:
-            cv2.imwrite(str(labels_out / f"{pair.stem}.png"), result.labels)
-            cv2.imwrite(str(labels_out / f"{pair.stem}_color.png"), pipe.overlay(result))
+            write_image(str(labels_out / f"{pair.stem}.png"), result.labels)
+            write_image(str(labels_out / f"{pair.stem}_color.png"), pipe.overlay(result))
     print(f"fused {len(pairs)} pairs into {out}" + (f", labels into {labels_out}" if labels_out else ""))
     return 0

@@ -1,9 +1,9 @@
-"""Print a checkpoint's metadata (architecture, classes, training data, validation metrics)."""
+"""Check a checkpoint (header only) and print its metadata (architecture, classes, training data, metrics)."""
 from __future__ import annotations
 
 import json
 
-from ..checkpoint import default_checkpoint, read_metadata
+from ..checkpoint import default_checkpoint, validate_checkpoint_file
 
 
 def add_arguments(p) -> None:
@@ -11,5 +11,5 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    print(json.dumps(read_metadata(args.checkpoint or default_checkpoint()), indent=2))
+    print(json.dumps(validate_checkpoint_file(args.checkpoint or default_checkpoint()), indent=2))
     return 0

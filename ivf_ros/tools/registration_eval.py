@@ -21,6 +21,7 @@ import numpy as np
 from ..calibration import (MODELS, AutoConfig, CalibrationError, calibrate_auto, content_mask, edge_alignment,
                            to_gray, write_overlay)
 from ..data import data_root, find_pairs, read_ir, read_vis
+from ..imageops import write_image
 from ..registration import Registration
 
 DATASETS = ("msrs", "roadscene", "unregistered")
@@ -125,7 +126,7 @@ def _small_png(path: Path, img: np.ndarray) -> None:
     img = cv2.resize(img, (DOCS_WIDTH, round(img.shape[0] * DOCS_WIDTH / img.shape[1])), interpolation=cv2.INTER_AREA)
     img = (img & 0xF8) | 0x04
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), img, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    write_image(path, img, (cv2.IMWRITE_PNG_COMPRESSION, 9))
 
 
 def docs_pictures(root: Path, specs: list[str], folder: Path, model: str) -> list[Path]:
