@@ -7,7 +7,6 @@ visible size (the cameras are assumed to share a field of view).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +19,15 @@ MAX_FILE_BYTES = 1 << 16  # a homography file is a few hundred bytes
 MAX_SIDE = 1 << 16  # largest image side a recorded size may name
 
 
-def _is_number(v, finite: bool = True) -> bool:
-    """An int or (finite) float as YAML gives them; bools and strings are not numbers."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    return isinstance(v, int) or not finite or math.isfinite(v)
+def _as_number(v) -> float | None:
+    """A YAML value as a float, or None when it is not a number (bools, lists, words). Strings that spell a number
+    count: YAML 1.1 reads ``1e-6`` (no dot) as a string."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        return None
+    try:
+        return float(v)
+    except (ValueError, OverflowError):
+        return None
 
 
 class RegistrationError(ValueError):
@@ -103,31 +106,30 @@ class Registration:
         if "homography" not in d:
             raise RegistrationError(f"{source}: no 'homography' key")
         rows = d["homography"]
-        if not (isinstance(rows, list) and all(isinstance(r, list) for r in rows)
-                and all(_is_number(v, finite=False) for r in rows for v in r)):
+        values = [_as_number(v) for r in rows for v in r] if isinstance(rows, list) and all(
+            isinstance(r, list) and len(r) == 3 for r in rows) else []
+        if len(values) != 9 or None in values:
             raise RegistrationError(f"{source}: 'homography' is not a 3x3 list of numbers")
-        try:
-            m = np.asarray(rows, dtype=np.float64).reshape(3, 3)
-        except (ValueError, OverflowError):
-            raise RegistrationError(f"{source}: 'homography' is not a 3x3 list of numbers") from None
+        m = np.asarray(values, dtype=np.float64).reshape(3, 3)
 
         def size(key):
             v = d.get(key)
             if v is None:
                 return None
-            if not (isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v)
-                    and all(0 < x <= MAX_SIDE and float(x).is_integer() for x in v)):
+            wh = [_as_number(x) for x in v] if isinstance(v, list) and len(v) == 2 else [None]
+            if not all(x is not None and 0 < x <= MAX_SIDE and x.is_integer() for x in wh):
                 raise RegistrationError(f"'{key}' must be [width, height], whole numbers in 1..{MAX_SIDE}, "
                                         f"not {v!r}"[:200])
-            return int(v[0]), int(v[1])
+            return int(wh[0]), int(wh[1])
 
         def number(key, low, high):
             v = d.get(key)
             if v is None:
                 return None
-            if not (_is_number(v) and low <= v <= high):
+            x = _as_number(v)
+            if x is None or not low <= x <= high:
                 raise RegistrationError(f"'{key}' must be a number in [{low}, {high}], not {v!r}"[:200])
-            return float(v)
+            return x
 
         try:
             return cls(m, size("ir_size"), size("vis_size"), str(d.get("method", "file")),

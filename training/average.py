@@ -3,37 +3,54 @@
     python -m training.average A.safetensors B.safetensors --out models/ivf_student.safetensors [--config CFG]
 
 Useful for checkpoints on one training trajectory (a student and its fine-tune): the average sits between them
-on the metrics they trade against each other. The metadata records every source and its validation numbers.
+on the metrics they trade against each other. The metadata describes the average (see ``average_checkpoints``)
+and its own validation numbers.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from ivf_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ivf_ros.model import count_parameters
 
-from .train import load_config, load_split, selection_score
+from .train import git_commit, load_config, load_split, selection_score
 from .validate import validate
 
 
 def average_checkpoints(paths: list[Path]) -> tuple[torch.nn.Module, dict]:
-    """Mean of the floating-point tensors of ``paths``; integer buffers come from the first checkpoint."""
+    """Mean of the floating-point tensors of ``paths``; integer buffers come from the first checkpoint.
+
+    The metadata describes the average: the shared architecture, classes and conventions, and under ``training``
+    the averaging and each input (file, SHA-256, commit, steps, init, validation); nothing of one input is taken
+    for the whole."""
     models, metas = zip(*(load_checkpoint(p) for p in paths))
+    shared = ("architecture", "hyper_parameters", "classes", "palette")
     for p, meta in zip(paths[1:], metas[1:]):
-        if (meta["architecture"], meta["hyper_parameters"]) != (metas[0]["architecture"], metas[0]["hyper_parameters"]):
-            raise CheckpointError(f"{p}: architecture differs from {paths[0]}")
+        differs = [k for k in shared if meta[k] != metas[0][k]]
+        if differs:
+            raise CheckpointError(f"{p}: {', '.join(differs)} differ(s) from {paths[0]}")
     states = [m.state_dict() for m in models]
     merged = {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
               for k, v in states[0].items()}
     model = models[0]
     model.load_state_dict(merged)
-    meta = metas[-1]
-    meta["training"]["weight_average"] = [
-        {"checkpoint": str(p), "commit": m["training"].get("commit"), "validation": m.get("validation")}
-        for p, m in zip(paths, metas)]
+    meta = {k: metas[0][k] for k in (*shared, "input") if k in metas[0]}
+    meta["parameters"] = count_parameters(model)
+    meta["training"] = {
+        "method": "weight average (training/average.py): uniform mean of the floating-point tensors, "
+                  "integer buffers from the first input",
+        "inputs": [{"checkpoint": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                    **{k: m.get("training", {}).get(k) for k in ("commit", "steps", "init", "data")},
+                    "validation": m.get("validation")} for p, m in zip(paths, metas)],
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     return model, meta
 
 

@@ -25,7 +25,8 @@ The teacher is ``teacher.name``: ``sage`` or ``fusionsam`` (both read the prior 
 
 Writes ``OUT/best.safetensors`` (the student with the best validation score, in the node's checkpoint format; its
 metadata names the teacher and the prior source), ``OUT/final.safetensors`` (the student at the latest validation:
-after the last step once the run ends), ``OUT/teacher.safetensors``, ``OUT/last.pt`` (resumable) and ``OUT/log.jsonl``.
+after the last step once the run ends), ``OUT/teacher.safetensors``, ``OUT/last.pt`` (resumable) and ``OUT/log.jsonl``
+(cut back to the resumed step by ``--resume``, started anew by a run without it).
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ from .losses import fusion_loss, segmentation_loss, sobel_magnitude
 from .priors import Prior, PriorCache, prior_channels
 from .teachers import build_teacher, read_teacher_metadata, save_teacher
 from .text_priors import description_key, embed_descriptions, update_descriptions
-from .train import (checkpoint_metadata, config_command, load_config, load_split, resolve_repo_path, resolve_root,
-                    seed_everything, selection_score)
+from .train import (checkpoint_metadata, config_command, load_config, load_split, resolve_repo_path, restart_logs,
+                    resolve_root, seed_everything, selection_score)
 from .validate import validate
 
 DISTILL_TERMS = ("feature", "context", "output", "contrast", "segment")
@@ -212,6 +213,7 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
         for name, module in modules.items():
             module.load_state_dict(state[name])
         t_step, step, best = int(state["t_step"]), int(state["step"]), json.loads(state["best"])
+    restart_logs(out, ("log.jsonl",), step if resume and state_path.exists() else None)
     contrast_rng = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
     batches = iter(loader)
 

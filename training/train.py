@@ -5,7 +5,8 @@
 
 Writes ``OUT/last.pt`` (resumable training state), ``OUT/best.safetensors`` (the best checkpoint by the
 validation score, in the shipped format), ``OUT/log.jsonl`` (one line per validation) and ``OUT/losses.jsonl``
-(one line per step).
+(one line per step). ``--resume`` cuts both logs back to the step it resumes from; a run without it starts new
+logs (and, at its first validation, a new best checkpoint).
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, best = int(state["step"]), json.loads(state["best"])
+    restart_logs(out, ("log.jsonl", "losses.jsonl"), step if resume and state_path.exists() else None)
     bar = tqdm(total=tc["steps"], initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     batches = iter(loader)
 
@@ -160,6 +162,24 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
                             "scheduler": sched.state_dict(), "step": step, "best": json.dumps(best)}, state_path)
     bar.close()
     return best
+
+
+def restart_logs(out: Path, names: tuple[str, ...], resumed_step: int | None) -> None:
+    """Cut OUT's jsonl logs to the lines up to ``resumed_step`` (all lines for a fresh run: None), so a resumed
+    run logs no step twice and a fresh run into an old folder starts new logs."""
+    for name in names:
+        path = out / name
+        if not path.exists():
+            continue
+        kept = []
+        for line in path.read_text().splitlines() if resumed_step is not None else []:
+            try:
+                step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):  # a line cut short by the interruption
+                continue
+            if isinstance(step, int) and step <= resumed_step:
+                kept.append(line + "\n")
+        path.write_text("".join(kept))
 
 
 def checkpoint_metadata(cfg: dict, model: torch.nn.Module, metrics: dict) -> dict:
