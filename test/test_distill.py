@@ -110,6 +110,22 @@ def test_teacher_init_of_another_size_is_refused(sage_run, tiny_msrs):
     with pytest.raises(ValueError, match="teacher.init is a sage teacher"):
         distill(cfg, tiny_msrs / "sage_wrong_init", progress=False)
 
+
+@needs_data
+def test_rerun_and_resume_log_every_step_once(tiny_msrs):
+    out = tiny_msrs / "sage_twice"
+
+    def logged_steps():
+        return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+    for _ in range(2):  # a fresh run into an old folder starts a new log
+        distill(tiny_config("sage", tiny_msrs, 1), out, progress=False)
+        assert logged_steps() == [0, 1]
+    with open(out / "log.jsonl", "a") as f:  # a validation logged after the saved state, then an interruption
+        f.write(json.dumps({"step": 2}) + "\n")
+    distill(tiny_config("sage", tiny_msrs, 1), out, resume=True, progress=False)
+    assert logged_steps() == [0, 1]
+
 @pytest.fixture(scope="module")
 def fusionsam_run(tiny_msrs):
     cfg = tiny_config("fusionsam", tiny_msrs, 3)
