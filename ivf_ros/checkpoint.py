@@ -54,7 +54,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, metadata: dict) ->
 def read_metadata(path: str | Path) -> dict:
     """The metadata block of a checkpoint, validated (types and ranges); reads the header only."""
     path = Path(path)
-    meta = json_metadata(path, _header(path)[0])
+    meta = _json_metadata(path, _header(path)[0])
     validate_metadata(meta, path)
     return meta
 
@@ -65,7 +65,7 @@ def validate_checkpoint_file(path: str | Path) -> dict:
     Returns the metadata; raises ``CheckpointError``. Cheap enough for a set-parameter callback."""
     path = Path(path)
     header, tensors = _header(path)
-    meta = json_metadata(path, header)
+    meta = _json_metadata(path, header)
     validate_metadata(meta, path)
     with torch.device("meta"):
         expected = build_model(meta["architecture"], meta["hyper_parameters"]).state_dict()
@@ -131,7 +131,7 @@ def validate_metadata(meta, path: str | Path) -> None:
             raise CheckpointError(f"{path}: palette colour {i} must be [r, g, b] integers 0..255, not {_short(colour)}")
 
 
-def json_metadata(path: Path, header: dict) -> dict:
+def _json_metadata(path: Path, header: dict) -> dict:
     """The parsed ``ivf_ros`` block of a safetensors header's metadata."""
     if METADATA_KEY not in header:
         raise CheckpointError(f"{path}: safetensors file has no '{METADATA_KEY}' metadata block")
@@ -151,8 +151,8 @@ def _header(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: not a regular file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
-            return f.metadata() or {}, tensors
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            return f.metadata() or {}, {k: (s.get_dtype(), s.get_shape()) for k, s in slices.items()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+
 @dataclass
 class IRNormalizer:
     """Map raw IR (uint8, uint16 or float) to float32 in [0, 1].
@@ -51,7 +52,7 @@ class IRNormalizer:
             mode = "fixed" if ir.dtype == np.uint8 else "percentile"
         x = ir.astype(np.float32)
         if mode == "fixed":
-            lo, hi = self.fixed_range or full_scale(ir.dtype)
+            lo, hi = self.fixed_range or _full_scale(ir.dtype)
         else:
             finite = x[np.isfinite(x)] if x.dtype.kind == "f" else x
             if finite.size == 0:
@@ -67,7 +68,7 @@ class IRNormalizer:
         return np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0, out=out)
 
 
-def full_scale(dtype) -> tuple[float, float]:
+def _full_scale(dtype) -> tuple[float, float]:
     """The raw range an IR image of ``dtype`` can hold: 0..255, 0..65535, the integer type's range, 0..1 for floats."""
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
