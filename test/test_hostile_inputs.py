@@ -257,6 +257,24 @@ def test_training_prepares_images_as_the_served_pipeline_does(tmp_path, bits):
     assert np.array_equal(vis_y[0].numpy(), served_y)
 
 
+@needs_data
+def test_training_validation_scores_what_ivf_eval_scores(tmp_path):
+    from training.datasets import load_pairs
+    from training.validate import VALIDATION_METRICS, validate
+
+    for sub in ("ir", "vi"):
+        (tmp_path / sub).mkdir()
+        for stem in ("00008N", "00055D"):
+            shutil.copy(MSRS / sub / f"{stem}.png", tmp_path / sub / f"{stem}.png")
+    assert main(["eval", "--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"), "--device", "cpu",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    served = json.loads((tmp_path / "r.json").read_text())["fusion"]["model"]
+    model, meta = load_checkpoint()
+    trained = validate(model, load_pairs(tmp_path, classes=meta["classes"]), meta["classes"], progress=False)
+    for name in VALIDATION_METRICS:  # the served network folds BatchNorm: equal up to float rounding
+        assert trained[name] == pytest.approx(served[name], abs=1e-4), name
+
+
 # --------------------------------------------------------------------------------------------- weight averaging
 
 def test_averaged_checkpoint_metadata_describes_the_average(tmp_path):

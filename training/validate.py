@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ivf_ros.imageops import merge_luminance, split_luminance
 from ivf_ros.metrics import BoxScorer, fusion_metrics, to_gray
 
 from .datasets import Sample, to_tensors
@@ -22,7 +23,8 @@ def validate(model: torch.nn.Module, samples: list[Sample], classes: list[str], 
     for s in tqdm(samples, desc="validate", disable=not progress, leave=False):
         ir, vis_y, _ = to_tensors(s.ir, s.vis)
         fused, logits = model(ir[None], vis_y[None])
-        fused_gray = np.round(fused[0, 0].numpy() * 255.0)
+        # scored as `ivf eval` scores the served output: colour restored, then gray
+        fused_gray = to_gray(merge_luminance(fused[0, 0].numpy(), split_luminance(s.vis)[1]))
         values = fusion_metrics(s.ir.astype(np.float64), to_gray(s.vis), fused_gray, VALIDATION_METRICS)
         for k in VALIDATION_METRICS:
             sums[k] += values[k]
