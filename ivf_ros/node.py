@@ -332,21 +332,21 @@ def main(args: list[str] | None = None) -> int:
         print(f"fusion_node: error: {' '.join(str(exc).split())}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
-    if node.get_parameter("autostart").value and not node.start():
-        node.destroy_node()
-        rclpy.try_shutdown()
-        return 1
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    try:
-        executor.spin()
+    code = 0
+    try:  # Ctrl-C while the model loads ends as cleanly as while spinning
+        if node.get_parameter("autostart").value and not node.start():
+            code = 1
+        else:
+            executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         node._stop()
         node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    return code
 
 
 if __name__ == "__main__":
