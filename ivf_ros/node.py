@@ -1,252 +1,42 @@
 """ROS 2 node ``fusion_node``: time-synced IR + visible images in, fused image and class-id map out.
 
-A thin lifecycle shell over ``FusionPipeline``: parameters, QoS, pairing, conversion, publishing, diagnostics.
-The model is loaded on ``activate`` and released on ``deactivate``; by default the node configures and activates
-itself (parameter ``autostart``).
+A thin lifecycle shell over ``FusionPipeline``: subscriptions, pairing, publishing. The parameter schema lives in
+``node_params``, the input checks in ``streams``, QoS and the Fast DDS profile in ``dds``, counters and diagnostics in
+``node_stats``. The model is loaded on ``activate`` and released on ``deactivate``; by default the node configures
+and activates itself (parameter ``autostart``).
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import os
 import sys
-import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import rclpy
 import torch
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.exceptions import ParameterException
-from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from rclpy.time import Time
-from sensor_msgs.msg import Image
-from std_msgs.msg import Header, String
+from rcl_interfaces.msg import SetParametersResult
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import String
 
 from . import ros_image
-from .backends import BACKENDS, ONNX_BACKENDS
-from .checkpoint import default_checkpoint, read_metadata
-from .imageops import IRNormalizer
-from .pipeline import FusionPipeline, resolve_device
-from .registration import Registration
+from .backends import ONNX_BACKENDS
+from .dds import input_qos, latched_qos, output_qos, overridable, use_fastdds_profile
+from .node_params import FILE_ERRORS, PARAMETERS, Settings, build_settings, declare
+from .node_stats import NodeStats, RateLimitedLog
+from .pipeline import FusionPipeline
+from .streams import IR, STREAM_NAMES, VIS, StreamCheck, stamp_seconds
 from .sync import ApproximateTimeSynchronizer
+from .worker import LatestWorker
 
-try:
-    import message_filters
-except ImportError:
-    message_filters = None
-try:
-    from cv_bridge import CvBridge
-except ImportError:
-    CvBridge = None
-
-RCLError = _rclpy.RCLError
-IR, VIS = 0, 1
-CHANNEL_NAMES = ("IR", "visible")
-IR_ENCODINGS = ("mono8", "mono16", "16UC1", "32FC1", "rgb8", "bgr8")
-VIS_ENCODINGS = ("mono8", "rgb8", "bgr8", "bgra8")
-PROFILE_ENV = "FASTDDS_DEFAULT_PROFILES_FILE"
-WARN_PERIOD_S = 5.0  # the same problem is reported at most once per period
 RESET_AFTER_S = 1.0  # a stamp going back more than this (bag loop) resets the synchroniser
-IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
-OUTPUT_QOS = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
-LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-
-
-def _share_file(*parts: str) -> Path:
-    """A file shipped with the package: source tree first, then the ament share directory."""
-    source = Path(__file__).resolve().parent.parent.joinpath(*parts)
-    if source.exists():
-        return source
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        return Path(get_package_share_directory("ivf_ros")).joinpath(*parts)
-    except Exception:  # noqa: BLE001 - not installed by colcon: keep the source path
-        return source
-
-
-def use_fastdds_profile(environ=os.environ) -> str:
-    """Point Fast DDS at the shipped profile unless the user chose one; call before ``rclpy.init``."""
-    profile = _share_file("config", "fastdds.xml")
-    if not environ.get(PROFILE_ENV) and profile.is_file():
-        environ[PROFILE_ENV] = str(profile)
-    return environ.get(PROFILE_ENV, "")
-
-
-@dataclass
-class _Param:
-    default: object
-    description: str
-    choices: tuple = ()
-    int_range: tuple | None = None
-    float_range: tuple | None = None
-    live: bool = True  # changeable while active; otherwise only while the node is not active
-    read_only: bool = False
-
-
-PARAMETERS = {
-    "checkpoint": _Param("", "fusion checkpoint (.safetensors); empty = the shipped model", live=False),
-    "device": _Param("auto", "auto, cpu, cuda or cuda:N", live=False),
-    "half": _Param(False, "float16 inference (CUDA only; ignored on CPU)", live=False),
-    "backend": _Param("torch", "inference backend: torch (eager), compile (torch.compile), onnxruntime, "
-                      "tensorrt (ONNX Runtime's TensorRT provider, CUDA only)", choices=BACKENDS, live=False),
-    "onnx_path": _Param("", "ONNX file from 'ivf export' for the onnxruntime and tensorrt backends; empty = export "
-                        "the checkpoint in memory once per input size", live=False),
-    "threads": _Param(0, "torch CPU threads, set at configure (also ONNX Runtime's pool); 0 = torch's default",
-                      int_range=(0, 64), live=False),
-    "autostart": _Param(True, "configure and activate at start-up", read_only=True),
-    "input.reliability": _Param("best_effort", "input QoS: best_effort (SensorData) or reliable",
-                                choices=("best_effort", "reliable"), live=False),
-    "input.depth": _Param(5, "input QoS history depth", int_range=(1, 100), live=False),
-    "sync.queue_size": _Param(10, "messages kept per input while waiting for a partner", int_range=(1, 100)),
-    "sync.slop": _Param(0.05, "largest stamp difference (s) within a pair", float_range=(0.001, 1.0)),
-    "ir.normalization": _Param("auto", "fixed: map ir.fixed_range; percentile: map ir.percentiles of each frame, "
-                               "smoothed; auto: full scale for 8-bit IR, percentile otherwise",
-                               choices=("auto", "fixed", "percentile")),
-    "ir.fixed_range": _Param([0.0, 65535.0], "[low, high] raw IR values mapped to black and white (fixed mode)"),
-    "ir.percentiles": _Param([1.0, 99.0], "[low, high] percentiles mapped to black and white (percentile mode)"),
-    "ir.smoothing": _Param(0.8, "temporal smoothing of the percentile range (0 = none)", float_range=(0.0, 0.99)),
-    "registration.homography": _Param(IDENTITY, "row-major 3x3 homography from IR to visible pixels"),
-    "registration.file": _Param("", "YAML file with the homography (overrides registration.homography)"),
-    "publish_labels_color": _Param(False, "also publish ~/labels_color (bgr8 overlay)"),
-    "silence_timeout": _Param(1.0, "seconds without images before an input is reported silent",
-                              float_range=(0.1, 60.0)),
-    "diagnostics_period": _Param(1.0, "seconds between /diagnostics messages", float_range=(0.1, 60.0),
-                                 read_only=True),
-}
-
-
-def _descriptor(name: str, spec: _Param) -> ParameterDescriptor:
-    text = spec.description + ("" if spec.live or spec.read_only else " (change only while inactive)")
-    d = ParameterDescriptor(name=name, description=text, read_only=spec.read_only)
-    if spec.choices:
-        d.additional_constraints = "one of: " + ", ".join(spec.choices)
-    if spec.int_range:
-        d.integer_range = [IntegerRange(from_value=spec.int_range[0], to_value=spec.int_range[1], step=1)]
-    if spec.float_range:
-        d.floating_point_range = [FloatingPointRange(from_value=spec.float_range[0], to_value=spec.float_range[1])]
-    return d
-
-
-@dataclass
-class Settings:
-    """Validated parameter values turned into the objects the pipeline uses."""
-
-    normalizer: IRNormalizer
-    registration: Registration
-    values: dict
-
-
-def build_settings(values: dict) -> Settings:
-    """Check parameter values together; raises ``ValueError`` with the reason."""
-    for name, spec in PARAMETERS.items():
-        if spec.choices and values[name] not in spec.choices:
-            raise ValueError(f"{name} must be one of {', '.join(spec.choices)}, not '{values[name]}'")
-    resolve_device(values["device"])
-    if values["backend"] in ONNX_BACKENDS and importlib.util.find_spec("onnxruntime") is None:
-        raise ValueError(f"backend '{values['backend']}' needs the onnxruntime package, which is not installed")
-    if values["onnx_path"] and not Path(values["onnx_path"]).expanduser().is_file():
-        raise ValueError(f"onnx_path: {values['onnx_path']}: no such ONNX file")
-    for key, field in (("ir.fixed_range", "fixed_range"), ("ir.percentiles", "percentiles")):
-        if len(values[key]) != 2:
-            raise ValueError(f"{key} must be [low, high], got {len(values[key])} numbers")
-        try:
-            IRNormalizer(**{field: values[key]}, smoothing=float(values["ir.smoothing"]))
-        except ValueError as exc:
-            raise ValueError(f"{key}: {exc}") from None
-    normalizer = IRNormalizer(values["ir.normalization"], values["ir.fixed_range"], values["ir.percentiles"],
-                              float(values["ir.smoothing"]))
-    if values["registration.file"]:
-        registration = Registration.load(values["registration.file"])
-    else:
-        registration = Registration.from_flat(values["registration.homography"])
-    return Settings(normalizer, registration, dict(values))
-
-
-class MessageFiltersSynchronizer:
-    """``message_filters.ApproximateTimeSynchronizer`` behind the ``ivf_ros.sync`` API (push, counters, reset)."""
-
-    def __init__(self, queue_size: int = 10, slop: float = 0.05, reset_after: float = RESET_AFTER_S):
-        self.reset_after = reset_after
-        self.pairs, self.dropped, self.resets = 0, [0, 0], 0
-        self._queue_size, self._slop = int(queue_size), float(slop)
-        self._lock = threading.Lock()
-        self._build()
-
-    def _build(self) -> None:
-        self._filters = [message_filters.SimpleFilter(), message_filters.SimpleFilter()]
-        self._sync = message_filters.ApproximateTimeSynchronizer(self._filters, self._queue_size, self._slop)
-        self._sync.registerCallback(lambda ir, vis: self._made.append((ir, vis)))
-        self._last_stamp = [None, None]
-        self._made = []
-
-    @property
-    def queue_size(self) -> int:
-        return self._queue_size
-
-    @queue_size.setter
-    def queue_size(self, value: int) -> None:
-        self._queue_size = self._sync.queue_size = int(value)
-
-    @property
-    def slop(self) -> float:
-        return self._slop
-
-    @slop.setter
-    def slop(self, value: float) -> None:
-        from rclpy.duration import Duration
-
-        self._slop = float(value)
-        self._sync.slop = Duration(seconds=self._slop)
-
-    def push(self, channel: int, stamp: float, item) -> list[tuple]:
-        with self._lock:
-            last = self._last_stamp[channel]
-            if last is not None and stamp < last - self.reset_after:
-                self._reset()
-            self._last_stamp[channel] = stamp
-            before = [set(q) for q in self._sync.queues]
-            self._made = []
-            sec = int(stamp // 1)
-            nanosec = min(int(round((stamp - sec) * 1e9)), 999_999_999)
-            stamped = _Stamped(Header(stamp=Time(seconds=sec, nanoseconds=nanosec).to_msg()), item)
-            self._filters[channel].signalMessage(stamped)
-            emitted = [{Time.from_msg(p[ch].header.stamp).nanoseconds for p in self._made} for ch in (IR, VIS)]
-            for ch in (IR, VIS):
-                self.dropped[ch] += len(before[ch] - set(self._sync.queues[ch]) - emitted[ch])
-            self.pairs += len(self._made)
-            return [(ir.item, vis.item) for ir, vis in self._made]
-
-    def reset(self) -> None:
-        with self._lock:
-            self._reset()
-
-    def _reset(self) -> None:
-        for ch in (IR, VIS):
-            self.dropped[ch] += len(self._sync.queues[ch])
-        self.resets += 1
-        self._build()
-
-
-@dataclass
-class _Stamped:
-    header: Header
-    item: object
-
-
-def make_synchronizer(queue_size: int, slop: float):
-    """message_filters' synchroniser when installed, else the built-in one (same contract)."""
-    cls = MessageFiltersSynchronizer if message_filters is not None else ApproximateTimeSynchronizer
-    return cls(queue_size=queue_size, slop=slop, reset_after=RESET_AFTER_S)
+WORKER_JOIN_S = 10.0  # deactivate waits this long for a pair in progress; activate refuses until it is done
+IMAGE_OUTPUTS = ("~/fused", "~/labels", "~/labels_color", "~/camera_info")
 
 
 def _transition(callback):
@@ -268,26 +58,23 @@ def _transition(callback):
 
 
 class FusionNode(LifecycleNode):
-    """Subscribes ``ir/image`` + ``visible/image``; publishes ``~/fused``, ``~/labels`` (+ ``~/labels_color``)."""
+    """Subscribes ``ir/image`` + ``visible/image`` (or their ``/compressed``) and ``visible/camera_info``;
+    publishes ``~/fused``, ``~/labels`` (+ ``~/labels_color``) and ``~/camera_info``."""
 
     def __init__(self, node_name: str = "fusion_node", **kwargs):
         super().__init__(node_name, **kwargs)
-        for name, spec in PARAMETERS.items():
-            self.declare_parameter(name, spec.default, _descriptor(name, spec))
+        declare(self)
         self.settings: Settings | None = None
         self.pipeline: FusionPipeline | None = None
         self.failure = ""  # why the last transition failed
-        self.sync = None
-        self.bridge = CvBridge() if CvBridge is not None else None
+        self.sync: ApproximateTimeSynchronizer | None = None
+        self.stats = NodeStats()
+        self._log = RateLimitedLog(self.get_logger())
+        self._checks = [StreamCheck(IR), StreamCheck(VIS)]
         self._active = False
-        self._outputs = {}
-        self._inputs = []
-        self._housekeeping = []
-        self._worker: threading.Thread | None = None
-        self._wake = threading.Condition()
-        self._pending = None  # the newest pair waiting for the worker
-        self._warned: dict[str, float] = {}
-        self._reset_stats()
+        self._outputs, self._inputs, self._timers = {}, [], []
+        self._worker: LatestWorker | None = None
+        self._restart_normalizer = False
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     # ---------------------------------------------------------------- lifecycle
@@ -300,17 +87,20 @@ class FusionNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.settings = build_settings(self._values())
         self._set_threads()
-        read_metadata(self.settings.values["checkpoint"] or default_checkpoint())
-        for name, kind, qos in (("~/fused", Image, OUTPUT_QOS), ("~/labels", Image, OUTPUT_QOS),
-                                ("~/labels_color", Image, OUTPUT_QOS), ("~/class_names", String, LATCHED_QOS)):
-            self._outputs[name] = self.create_publisher(kind, name, qos)
-        self._outputs["diagnostics"] = self.create_publisher(DiagnosticArray, "/diagnostics", OUTPUT_QOS)
-        self._housekeeping = [self.create_timer(self.settings.values["diagnostics_period"], self._publish_diagnostics),
-                              self.create_timer(0.25, self._watch_inputs)]
+        for name, kind, qos in [(n, Image, output_qos) for n in IMAGE_OUTPUTS[:3]] + [
+                ("~/camera_info", CameraInfo, output_qos), ("~/class_names", String, latched_qos),
+                ("/diagnostics", DiagnosticArray, output_qos)]:
+            self._outputs[name] = self.create_publisher(kind, name, qos(), qos_overriding_options=overridable())
+        self._timers = [self.create_timer(self.settings.values["diagnostics_period"], self._publish_diagnostics),
+                        self.create_timer(0.25, self._watch_inputs)]
         return TransitionCallbackReturn.SUCCESS
 
     @_transition
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self._worker is not None and self._worker.alive():  # never two workers
+            self.failure = "the previous activation is still finishing a pair: activate again when it is done"
+            self.get_logger().error(self.failure)
+            return TransitionCallbackReturn.FAILURE
         self.settings = build_settings(self._values())
         values = self.settings.values
         self._set_threads()  # threads may have changed while inactive
@@ -322,20 +112,21 @@ class FusionNode(LifecycleNode):
                                        backend=values["backend"], onnx_path=onnx_path)
         names = {"classes": self.pipeline.classes, "palette": self.pipeline.palette}
         self._outputs["~/class_names"].publish(String(data=json.dumps(names)))
-        reliability = ReliabilityPolicy.RELIABLE if values["input.reliability"] == "reliable" \
-            else ReliabilityPolicy.BEST_EFFORT  # best effort + volatile = SensorData QoS
-        qos = QoSProfile(depth=values["input.depth"], reliability=reliability)
-        self._reset_stats()
-        self.sync = make_synchronizer(values["sync.queue_size"], values["sync.slop"])
+        self.stats = NodeStats()
+        self.sync = ApproximateTimeSynchronizer(values["sync.queue_size"], values["sync.slop"], RESET_AFTER_S)
+        self._checks = [StreamCheck(ch, values["max_pixels"]) for ch in (IR, VIS)]
         self._active = True
-        self._worker = threading.Thread(target=self._work, name="fusion_worker", daemon=True)
-        self._worker.start()
-        self._inputs = [
-            self.create_subscription(Image, "ir/image", lambda m: self._on_image(IR, m), qos),
-            self.create_subscription(Image, "visible/image", lambda m: self._on_image(VIS, m), qos),
-        ]
+        self._worker = LatestWorker(self._process, lambda exc: self._log.warn(
+            self.stats, "error", f"pair failed: {type(exc).__name__}: {' '.join(str(exc).split())}"),
+            name=f"fusion_worker {self.get_fully_qualified_name()}")
+        kind, suffix = (CompressedImage, "/compressed") if values["transport"] == "compressed" else (Image, "")
+        subscriptions = [(kind, f"ir/image{suffix}", functools.partial(self._on_image, IR)),
+                         (kind, f"visible/image{suffix}", functools.partial(self._on_image, VIS)),
+                         (CameraInfo, "visible/camera_info", self._on_camera_info)]
+        self._inputs = [self.create_subscription(k, topic, self._guarded(cb), input_qos(),
+                                                 qos_overriding_options=overridable()) for k, topic, cb in subscriptions]
         self.get_logger().info(f"fusing on {self.pipeline.device}{' (half)' if self.pipeline.half else ''}: "
-                               f"{self._inputs[0].topic_name} + {self._inputs[1].topic_name}")
+                               f"{self._inputs[IR].topic_name} + {self._inputs[VIS].topic_name}")
         return super().on_activate(state)
 
     @_transition
@@ -358,45 +149,44 @@ class FusionNode(LifecycleNode):
             torch.set_num_threads(threads)
 
     def _stop(self) -> None:
-        """Stop taking images and release the model (and its GPU memory)."""
+        """Stop taking images and release the model (and its GPU memory) once no pair is in progress."""
         for sub in self._inputs:
             self.destroy_subscription(sub)
         self._inputs = []
-        with self._wake:
-            self._active = False
-            self._pending = None
-            self._wake.notify_all()
+        self._active = False
         if self._worker is not None:
-            self._worker.join(timeout=10.0)
-            self._worker = None
+            if self._worker.stop(WORKER_JOIN_S):
+                self._worker = None
+            else:
+                self.get_logger().warning(f"a pair is still in progress after {WORKER_JOIN_S:.0f} s; its result will "
+                                          "be dropped, and activate waits until it is done")
         on_gpu = self.pipeline is not None and self.pipeline.device.type == "cuda"
         self.pipeline = None
-        if on_gpu:
+        if on_gpu and self._worker is None:
             torch.cuda.empty_cache()
 
     def _release_outputs(self) -> None:
-        for timer in self._housekeeping:
+        for timer in self._timers:
             self.destroy_timer(timer)
         for pub in self._outputs.values():
             self.destroy_publisher(pub)
-        self._housekeeping, self._outputs = [], {}
+        self._timers, self._outputs = [], {}
 
     # ---------------------------------------------------------------- parameters
     def _values(self, changes=()) -> dict:
         values = {name: self.get_parameter(name).value for name in PARAMETERS}
-        values.update({p.name: p.value for p in changes})
+        values.update({p.name: p.value for p in changes if p.name in PARAMETERS})
         return values
 
     def _on_set_parameters(self, params) -> SetParametersResult:
         try:
             settings = build_settings(self._values(params))
-        except ValueError as exc:
-            return SetParametersResult(successful=False, reason=" ".join(str(exc).split()))
-        if self._active:
-            frozen = [p.name for p in params if p.name in PARAMETERS and not PARAMETERS[p.name].live]
-            if frozen:
-                return SetParametersResult(
-                    successful=False, reason=f"{', '.join(frozen)} can only change while the node is inactive")
+        except FILE_ERRORS as exc:
+            return SetParametersResult(successful=False, reason=" ".join(str(exc).split()) or type(exc).__name__)
+        frozen = [p.name for p in params if p.name in PARAMETERS and not PARAMETERS[p.name].live]
+        if self._active and frozen:
+            return SetParametersResult(successful=False,
+                                       reason=f"{', '.join(frozen)} can only change while the node is inactive")
         if self.settings is not None:
             self._apply(settings)
         return SetParametersResult(successful=True)
@@ -406,6 +196,8 @@ class FusionNode(LifecycleNode):
         self.settings = settings
         if self.sync is not None:
             self.sync.queue_size, self.sync.slop = new["sync.queue_size"], new["sync.slop"]
+        for check in self._checks:
+            check.max_pixels = new["max_pixels"]
         if self.pipeline is not None:
             if any(old[k] != new[k] for k in PARAMETERS if k.startswith("ir.")):
                 self.pipeline.ir_normalizer = settings.normalizer
@@ -413,193 +205,121 @@ class FusionNode(LifecycleNode):
                 self.pipeline.registration = settings.registration
 
     # ---------------------------------------------------------------- input
-    def _on_image(self, channel: int, msg: Image) -> None:
+    def _guarded(self, callback):
+        """A subscription callback that counts and logs any error instead of stopping the executor."""
+
+        def run(msg) -> None:
+            try:
+                callback(msg)
+            except Exception as exc:  # noqa: BLE001 - nothing a peer sends may stop the node
+                self.stats.errors += 1
+                self._log.warn(self.stats, "callback", f"input callback failed: {type(exc).__name__}: {exc}")
+
+        return run
+
+    def _on_image(self, channel: int, msg) -> None:
         now = time.monotonic()
-        name = CHANNEL_NAMES[channel]
-        self._received[channel] += 1
-        if self._silent[channel]:
-            self.get_logger().info(f"{name} images are back after {now - self._last_rx[channel]:.1f} s")
-            self._silent[channel] = False
-        self._last_rx[channel] = now
+        back = self.stats.arrived(channel, now)
+        if back is not None:
+            self.get_logger().info(f"{STREAM_NAMES[channel]} images are back after {back:.1f} s")
         try:
-            ros_image.check_fields(msg.encoding, msg.height, msg.width, msg.step, len(msg.data),
-                                   IR_ENCODINGS if channel == IR else VIS_ENCODINGS)
+            stamp = self._checks[channel].fields(msg)
         except ValueError as exc:
-            self._bad[channel] += 1
-            self._warn(f"bad{channel}:{' '.join(str(exc).split()[:2])}", f"{name} image ignored: {exc}")
-            return
-        stamp = Time.from_msg(msg.header.stamp).nanoseconds * 1e-9
+            return self._bad(channel, exc)
         resets = self.sync.resets
         pairs = self.sync.push(channel, stamp, msg)
         if self.sync.resets != resets:
-            self.get_logger().info(f"{name} time went back to {stamp:.3f} s (bag loop?): synchroniser reset")
+            self.get_logger().info(f"{STREAM_NAMES[channel]} time went back to {stamp:.3f} s (bag loop?): "
+                                   "synchroniser and latency statistics reset")
             self._restart_normalizer = True
-        for ir_msg, vis_msg in pairs:
-            with self._wake:
-                if self._pending is not None:
-                    self._skipped += 1
-                self._pending = (ir_msg, vis_msg, now)
-                self._wake.notify()
+            self.stats.latency.reset()
+        for pair in pairs:
+            if not any(self._outputs[t].get_subscription_count() for t in self._listened_outputs()):
+                self.stats.unheard += 1
+                self._log.warn(self.stats, "unheard", "no subscribers to the outputs: pairs are counted, not fused",
+                               input_problem=False)
+                continue
+            self.stats.skipped += self._worker.put((*pair, now))
+
+    def _listened_outputs(self) -> tuple[str, ...]:
+        return IMAGE_OUTPUTS if self.settings.values["publish_labels_color"] else IMAGE_OUTPUTS[:2] + IMAGE_OUTPUTS[3:]
+
+    def _bad(self, channel: int, exc: Exception) -> None:
+        self.stats.bad[channel] += 1
+        text = " ".join(str(exc).split())
+        self._log.warn(self.stats, f"bad{channel}:{' '.join(text.split()[:2])}",
+                       f"{STREAM_NAMES[channel]} image ignored: {text}")
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        try:
+            stamp_seconds(msg.header.stamp)
+        except ValueError as exc:
+            self.stats.bad_camera_info += 1
+            return self._log.warn(self.stats, "bad_info", f"camera info ignored: {exc}")
+        self.stats.camera_info, self.stats.camera_info_count = msg, self.stats.camera_info_count + 1
 
     def _watch_inputs(self) -> None:
         if not self._active or len(self._inputs) < 2:
             return
-        now = time.monotonic()
-        quiet = [now - self._last_rx[ch] for ch in (IR, VIS)]
-        self._silent = [q > self.settings.values["silence_timeout"] for q in quiet]
-        if all(self._silent):
-            self._warn("silent", f"no images on {' or '.join(s.topic_name for s in self._inputs)} "
-                                 f"for {min(quiet):.1f} s", input_problem=False)
-            return
-        for channel in (IR, VIS):
-            if self._silent[channel]:
-                what = "no images yet" if self._received[channel] == 0 else f"no images for {quiet[channel]:.1f} s"
-                self._warn(f"silent{channel}", f"{CHANNEL_NAMES[channel]} input {self._inputs[channel].topic_name}: "
-                                               f"{what} (the other input is live)", input_problem=False)
+        topics = [s.topic_name for s in self._inputs[:2]]
+        for key, text in self.stats.silences(time.monotonic(), self.settings.values["silence_timeout"], topics):
+            self._log.warn(self.stats, key, text, input_problem=False)
 
-    # ---------------------------------------------------------------- processing
-    def _work(self) -> None:
-        while True:
-            with self._wake:
-                while self._active and self._pending is None:
-                    self._wake.wait()
-                if not self._active:
-                    return
-                ir_msg, vis_msg, received = self._pending
-                self._pending = None
+    # ---------------------------------------------------------------- processing (worker thread)
+    def _process(self, item) -> None:
+        ir_msg, vis_msg, received = item
+        worker, images = self._worker, []
+        for channel, msg in ((IR, ir_msg), (VIS, vis_msg)):
             try:
-                self._process(ir_msg, vis_msg, received)
+                checked = self._checks[channel].convert(msg)
             except ValueError as exc:
-                self._warn("pair", f"pair skipped: {' '.join(str(exc).split())}")
-            except Exception as exc:  # noqa: BLE001 - one bad pair must not stop the node
-                self._warn("error", f"pair failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
-
-    def _process(self, ir_msg: Image, vis_msg: Image, received: float) -> None:
-        ir, vis = self._to_array(ir_msg), self._to_array(vis_msg)
-        if ir.dtype.kind == "f":
-            bad = int(ir.size - np.count_nonzero(np.isfinite(ir)))
-            if bad:
-                self._bad[IR] += 1
-                self._warn("nonfinite", f"IR 32FC1 image has {bad} NaN/inf pixels (NaN and -inf shown cold, +inf hot)")
-                if bad == ir.size:
-                    raise ValueError("IR image has no finite values")
-        shapes = (ir.shape[:2], vis.shape[:2])
-        if self._shapes is not None and shapes != self._shapes:
-            self._warn(f"size{shapes}", "image sizes changed mid-stream: "
-                                        f"IR {_wh(self._shapes[0])} -> {_wh(shapes[0])}, "
-                                        f"visible {_wh(self._shapes[1])} -> {_wh(shapes[1])}")
-            self._restart_normalizer = True
-        self._shapes = shapes
+                return self._bad(channel, exc)
+            for note in checked.notes:
+                self._log.warn(self.stats, note.split(":")[0], note)
+            self._restart_normalizer |= checked.resized
+            images.append(checked.image)
         pipeline = self.pipeline
         if pipeline is None:
             return
         if self._restart_normalizer:
             pipeline.ir_normalizer.reset()
             self._restart_normalizer = False
-        result = pipeline(ir, vis)
+        result = pipeline(*images)
+        if not worker.running:  # deactivated meanwhile: the result is dropped
+            return
         header = vis_msg.header
         self._publish("~/fused", result.fused, "bgr8" if result.fused.ndim == 3 else "mono8", header)
-        self._latency.append((self.get_clock().now() - Time.from_msg(header.stamp)).nanoseconds * 1e-9)
-        self._processing.append(time.monotonic() - received)
+        self.stats.latency.add(self.get_clock().now().nanoseconds * 1e-9 - stamp_seconds(header.stamp))
+        self.stats.processing.add(time.monotonic() - received)
         self._publish("~/labels", result.labels, "mono8", header)
         if self.settings.values["publish_labels_color"]:
             self._publish("~/labels_color", pipeline.overlay(result), "bgr8", header)
-        self._fused += 1
+        info = self.stats.camera_info
+        if info is not None:
+            self._outputs["~/camera_info"].publish(CameraInfo(
+                header=header, height=info.height, width=info.width, distortion_model=info.distortion_model,
+                d=info.d, k=info.k, r=info.r, p=info.p, binning_x=info.binning_x, binning_y=info.binning_y,
+                roi=info.roi))
+        self.stats.fused += 1
 
-    def _to_array(self, msg: Image) -> np.ndarray:
-        if self.bridge is None:
-            return ros_image.image_to_array(msg)
-        return self.bridge.imgmsg_to_cv2(msg, "bgr8" if msg.encoding == "rgb8" else "passthrough")
-
-    def _publish(self, topic: str, array: np.ndarray, encoding: str, header: Header) -> None:
-        if self.bridge is not None:
-            msg = self.bridge.cv2_to_imgmsg(array, encoding=encoding, header=header)
-        else:
-            msg = ros_image.fill_image(Image(), array, encoding, header)
-        self._outputs[topic].publish(msg)
+    def _publish(self, topic: str, array, encoding: str, header) -> None:
+        self._outputs[topic].publish(ros_image.fill_image(Image(), array, encoding, header))
 
     # ---------------------------------------------------------------- diagnostics
-    def _reset_stats(self) -> None:
-        now = time.monotonic()
-        self._received = [0, 0]
-        self._bad = [0, 0]
-        self._last_rx = [now, now]
-        self._silent = [False, False]
-        self._rate_window = (now, [0, 0])
-        self._fused = 0
-        self._skipped = 0
-        self._shapes = None
-        self._restart_normalizer = False
-        self._problem = (-float("inf"), "")
-        self._latency: deque[float] = deque(maxlen=2000)
-        self._processing: deque[float] = deque(maxlen=2000)
-
-    def _warn(self, key: str, text: str, input_problem: bool = True) -> None:
-        """Log ``text`` at most once per ``WARN_PERIOD_S`` per ``key``; input problems also show in diagnostics."""
-        now = time.monotonic()
-        if now - self._warned.get(key, -WARN_PERIOD_S) >= WARN_PERIOD_S:
-            self._warned[key] = now
-            self.get_logger().warning(text)
-        if input_problem:
-            self._problem = (now, text)
-
-    def diagnostics(self) -> DiagnosticStatus:
-        """The node's health: rates, pairs, drops, latency, device."""
-        now = time.monotonic()
-        since, counts = self._rate_window
-        rates = [(self._received[ch] - counts[ch]) / max(now - since, 1e-3) for ch in (IR, VIS)]
-        self._rate_window = (now, list(self._received))
-        status = DiagnosticStatus(name=f"{self.get_name()}: fusion", hardware_id=self._device_name())
-        silent = [CHANNEL_NAMES[ch] for ch in (IR, VIS) if self._silent[ch]]
-        if not self._active:
-            status.level, status.message = DiagnosticStatus.OK, "inactive"
-        elif silent:
-            status.level, status.message = DiagnosticStatus.WARN, f"{' and '.join(silent)} input silent"
-        elif now - self._problem[0] < max(WARN_PERIOD_S, self.settings.values["diagnostics_period"]):
-            status.level, status.message = DiagnosticStatus.WARN, self._problem[1]
-        else:
-            status.level, status.message = DiagnosticStatus.OK, f"fusing {self._fused} pairs"
-        sync = self.sync
-        values = {
-            "IR rate (Hz)": f"{rates[IR]:.2f}",
-            "visible rate (Hz)": f"{rates[VIS]:.2f}",
-            "IR images": self._received[IR],
-            "visible images": self._received[VIS],
-            "bad IR images": self._bad[IR],
-            "bad visible images": self._bad[VIS],
-            "pairs made": sync.pairs if sync else 0,
-            "pairs fused": self._fused,
-            "pairs skipped (busy)": self._skipped,
-            "IR dropped unpaired": sync.dropped[IR] if sync else 0,
-            "visible dropped unpaired": sync.dropped[VIS] if sync else 0,
-            "synchroniser resets": sync.resets if sync else 0,
-            "synchroniser": type(sync).__name__ if sync else "",
-            "device": self._device_name(),
-            "backend": self.get_parameter("backend").value,
-        }
-        for label, samples in (("latency", self._latency), ("processing", self._processing)):
-            if samples:
-                p50, p90, p99 = np.percentile(np.asarray(samples) * 1e3, (50, 90, 99))
-                values.update({f"{label} p50 (ms)": f"{p50:.1f}", f"{label} p90 (ms)": f"{p90:.1f}",
-                               f"{label} p99 (ms)": f"{p99:.1f}"})
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
-        return status
-
-    def _device_name(self) -> str:
+    def diagnostics(self):
+        """The node's health as a DiagnosticStatus (see ``node_stats``)."""
         pipeline = self.pipeline
-        if pipeline is None:
-            return self.get_parameter("device").value
-        return f"{pipeline.device}{' half' if pipeline.half else ''}"
+        hardware = f"{pipeline.device}{' half' if pipeline.half else ''}" if pipeline else \
+            self.get_parameter("device").value
+        info_topic = self._inputs[2].topic_name if len(self._inputs) > 2 else "visible/camera_info"
+        period = self.settings.values["diagnostics_period"] if self.settings else 1.0
+        return self.stats.status(self.get_name(), hardware, self._active, self.sync,
+                                 self.get_parameter("backend").value, info_topic, period)
 
     def _publish_diagnostics(self) -> None:
-        status = self.diagnostics()
-        array = DiagnosticArray(status=[status])
+        array = DiagnosticArray(status=[self.diagnostics()])
         array.header.stamp = self.get_clock().now().to_msg()
-        self._outputs["diagnostics"].publish(array)
-
-
-def _wh(shape) -> str:
-    return f"{shape[1]}x{shape[0]}"
+        self._outputs["/diagnostics"].publish(array)
 
 
 def main(args: list[str] | None = None) -> int:
@@ -608,25 +328,25 @@ def main(args: list[str] | None = None) -> int:
     try:
         rclpy.init(args=args)
         node = FusionNode()
-    except (RCLError, ParameterException, ValueError) as exc:
+    except (_rclpy.RCLError, ParameterException, ValueError) as exc:
         print(f"fusion_node: error: {' '.join(str(exc).split())}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
-    if node.get_parameter("autostart").value and not node.start():
-        node.destroy_node()
-        rclpy.try_shutdown()
-        return 1
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    try:
-        executor.spin()
+    code = 0
+    try:  # Ctrl-C while the model loads ends as cleanly as while spinning
+        if node.get_parameter("autostart").value and not node.start():
+            code = 1
+        else:
+            executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         node._stop()
         node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

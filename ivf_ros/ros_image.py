@@ -1,4 +1,4 @@
-"""sensor_msgs/Image fields <-> numpy arrays without ROS (what cv_bridge does, for where it is not installed).
+"""sensor_msgs/Image fields <-> numpy arrays, free of ROS: the one conversion of the node and the bag tools.
 
 Arrays follow OpenCV conventions: gray images are H x W, colour images H x W x 3 in BGR order (H x W x 4 BGRA).
 Every problem with a message is a ``ValueError`` whose message says what is wrong.

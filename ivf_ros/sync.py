@@ -1,10 +1,10 @@
 """Approximate-time pairing of an IR (channel 0) and a visible (channel 1) stream, free of ROS.
 
-Same contract as ``message_filters.ApproximateTimeSynchronizer``: each channel queues at most ``queue_size`` items,
-and a new item pairs with the other channel's item closest in time when their stamps differ by at most ``slop``
-seconds. Two differences suit live cameras: items older than a pair are dropped at once (a stale backlog is never
-paired later), and a stamp that goes back by more than ``reset_after`` seconds on its channel (a looping bag, a
-restarted camera) empties both queues first.
+Like ``message_filters.ApproximateTimeSynchronizer``, each channel queues at most ``queue_size`` items, and a new
+item pairs with the other channel's item closest in time when their stamps differ by at most ``slop`` seconds. Unlike
+it (and why the node uses this one everywhere): items older than a pair are dropped at once (a stale backlog is never
+paired later), a stamp that goes back by more than ``reset_after`` seconds on its channel (a looping bag, a restarted
+camera) empties both queues first, and every drop is counted.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Launch fusion_node: ``ros2 launch ivf_ros fusion.launch.py ir_topic:=/thermal/image_raw device:=cuda``
-(add ``backend:=onnxruntime`` or ``backend:=tensorrt`` to change the inference backend).
+(add ``backend:=onnxruntime`` or ``backend:=tensorrt`` to change the inference backend, ``transport:=compressed`` to
+read ``<topic>/compressed``; the visible camera's CameraInfo is read from ``visible_info_topic``).
 
 Sets FASTDDS_DEFAULT_PROFILES_FILE to the shipped large-image profile unless it is already set, so the node (and
 anything else started from this launch) can move full-size images over best-effort QoS. ``checkpoint``,
-``device`` and ``backend`` override the parameters file only when given.
+``device``, ``backend`` and ``transport`` override the parameters file only when given.
 """
 import os
 
@@ -15,15 +16,19 @@ from launch_ros.actions import Node
 
 
 def _node(context):
-    overrides = {name: LaunchConfiguration(name).perform(context) for name in ("checkpoint", "device", "backend")}
+    overrides = {name: LaunchConfiguration(name).perform(context)
+                 for name in ("checkpoint", "device", "backend", "transport")}
+    topics = {name: LaunchConfiguration(name).perform(context) for name in ("ir_topic", "visible_topic")}
     return [Node(
         package="ivf_ros",
         executable="fusion_node",
         name="fusion_node",
         namespace=LaunchConfiguration("namespace"),
         parameters=[LaunchConfiguration("params_file"), {k: v for k, v in overrides.items() if v}],
-        remappings=[("ir/image", LaunchConfiguration("ir_topic")),
-                    ("visible/image", LaunchConfiguration("visible_topic"))],
+        remappings=[("ir/image", topics["ir_topic"]), ("visible/image", topics["visible_topic"]),
+                    ("ir/image/compressed", topics["ir_topic"] + "/compressed"),
+                    ("visible/image/compressed", topics["visible_topic"] + "/compressed"),
+                    ("visible/camera_info", LaunchConfiguration("visible_info_topic"))],
         output="screen",
     )]
 
@@ -33,6 +38,8 @@ def generate_launch_description():
     arguments = {
         "ir_topic": ("ir/image", "IR sensor_msgs/Image topic"),
         "visible_topic": ("visible/image", "visible sensor_msgs/Image topic"),
+        "visible_info_topic": ("visible/camera_info", "visible sensor_msgs/CameraInfo topic"),
+        "transport": ("", "raw or compressed (<topic>/compressed); empty = as in params_file"),
         "checkpoint": ("", "fusion checkpoint (.safetensors); empty = as in params_file"),
         "device": ("", "auto, cpu, cuda or cuda:N; empty = as in params_file"),
         "backend": ("", "torch, compile, onnxruntime or tensorrt; empty = as in params_file"),

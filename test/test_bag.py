@@ -234,7 +234,7 @@ def test_live_replay_through_the_real_node(tmp_path, monkeypatch):
     assert report["received"]["/fusion_node/labels_color"] == fused
     assert report["received"]["/diagnostics"] >= 1  # its timers run on the replayed /clock (use_sim_time)
     assert report["latency_ms"]["visible_to_fused"]["count"] == fused
-    assert report["node"]["diagnostics"]["values"]["synchroniser"]
+    assert report["node"]["diagnostics"]["values"]["pairs made"]
     recorded = read_topics(tmp_path / "live" / "bag")
     assert len(recorded["/fusion_node/fused"]) == fused and len(recorded["/ir/image"]) == 12
     assert recorded["/fusion_node/fused"][0].width == 96

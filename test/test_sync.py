@@ -1,5 +1,4 @@
-"""Approximate-time pairing on crafted stamp sequences: the built-in synchroniser and, where installed,
-message_filters' behind the same API."""
+"""Approximate-time pairing on crafted stamp sequences (the only synchroniser the node and the bag tools use)."""
 import math
 
 import pytest
@@ -9,16 +8,9 @@ from ivf_ros.sync import ApproximateTimeSynchronizer
 IR, VIS = 0, 1
 
 
-def _message_filters_sync(**kwargs):
-    pytest.importorskip("message_filters", reason="message_filters is not installed (PyPI has no ROS 2 build)")
-    from ivf_ros.node import MessageFiltersSynchronizer
-
-    return MessageFiltersSynchronizer(**kwargs)
-
-
-@pytest.fixture(params=["builtin", "message_filters"])
-def make_sync(request):
-    return ApproximateTimeSynchronizer if request.param == "builtin" else _message_filters_sync
+@pytest.fixture
+def make_sync():
+    return ApproximateTimeSynchronizer
 
 
 def _feed(sync, events):

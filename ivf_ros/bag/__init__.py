@@ -6,11 +6,11 @@
 - ``live``: replay a bag over ROS 2, and evaluate the real ``fusion_node`` by replaying a bag into it.
 """
 from .evaluate import evaluate_bag
-from .files import (IMAGE_TYPE, IR_TOPIC, START_NS, STORAGES, VIS_TOPIC, BagError, CameraStream, folder_streams,
-                    frame_names, header_seconds, image_message, open_bag, output_topics, pick_topics, typestore,
-                    write_camera_bag)
+from .files import (COMPRESSED_TYPE, IMAGE_TYPE, IR_TOPIC, START_NS, STORAGES, VIS_TOPIC, BagError, CameraStream,
+                    folder_streams, frame_names, header_seconds, image_message, open_bag, output_topics, pick_topics,
+                    typestore, write_camera_bag)
 from .live import evaluate_live, replay
 
-__all__ = ["BagError", "CameraStream", "IMAGE_TYPE", "IR_TOPIC", "START_NS", "STORAGES", "VIS_TOPIC", "evaluate_bag",
-           "evaluate_live", "folder_streams", "frame_names", "header_seconds", "image_message", "open_bag",
-           "output_topics", "pick_topics", "replay", "typestore", "write_camera_bag"]
+__all__ = ["BagError", "COMPRESSED_TYPE", "CameraStream", "IMAGE_TYPE", "IR_TOPIC", "START_NS", "STORAGES", "VIS_TOPIC",
+           "evaluate_bag", "evaluate_live", "folder_streams", "frame_names", "header_seconds", "image_message",
+           "open_bag", "output_topics", "pick_topics", "replay", "typestore", "write_camera_bag"]

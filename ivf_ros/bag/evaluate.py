@@ -15,13 +15,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import ros_image
 from ..data import read_yolo_boxes
 from ..imageops import gray_u8
 from ..metrics import FUSION_METRICS, TRIVIAL_FUSIONS, BoxScorer, fusion_metrics, to_gray
+from ..streams import IR, MAX_PIXELS, VIS, StreamCheck
 from .files import (IMAGE_TYPE, IR_ENCODINGS, STORAGES, VIS_ENCODINGS, BagError, check_first_encoding, copy_connection,
-                    frame_names, header_seconds, image_message, image_topics, json_default, one_line, open_bag,
-                    output_topics, percentiles, pick_topics, prepare_output, spread, storage_of, typestore)
+                    frame_names, image_message, image_topics, json_default, one_line, open_bag, output_topics,
+                    percentiles, pick_topics, prepare_output, spread, storage_of, typestore)
 
 
 def stream_rate(stamps: Sequence[float]) -> float | None:
@@ -77,10 +77,12 @@ def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = Non
                  checkpoint: str | Path | None = None, boxes: str | Path | None = None, device: str = "auto",
                  slop: float = 0.05, queue_size: int = 10, metrics: Sequence[str] | None = None,
                  metrics_every: int = 1, samples: int = 4, storage: str | None = None, overwrite: bool = False,
-                 progress: bool = True, pipeline=None) -> dict:
+                 progress: bool = True, pipeline=None, max_pixels: int = MAX_PIXELS) -> dict:
     """Run the node's pipeline over a bag; writes OUT/bag, report.json, report.md, plots and a contact sheet.
 
-    Returns the report (also in ``report.json``). ``pipeline`` may be a ready ``FusionPipeline``.
+    Raw and compressed image topics are read; each message goes through the node's own stream check
+    (``ivf_ros.streams``), so what the node rejects is counted here as ``decode_failed``. Returns the report (also in
+    ``report.json``). ``pipeline`` may be a ready ``FusionPipeline``.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
     from tqdm import tqdm
@@ -116,7 +118,8 @@ def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = Non
 
         sync = ApproximateTimeSynchronizer(queue_size=queue_size, slop=slop)
         stats = {ir_topic: TopicStats(ir_topic), vis_topic: TopicStats(vis_topic)}
-        channel = {ir_topic: 0, vis_topic: 1}
+        channel = {ir_topic: IR, vis_topic: VIS}
+        checks = {IR: StreamCheck(IR, max_pixels), VIS: StreamCheck(VIS, max_pixels)}
         errors = ErrorLog()
         offsets_ms, pipeline_ms, total_ms, processed, failed = [], [], [], 0, 0
         per_frame = {"model": {m: [] for m in metric_names}, "average": {m: [] for m in metric_names},
@@ -205,20 +208,24 @@ def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = Non
                 st.messages += 1
                 try:
                     t0 = time.perf_counter()
-                    msg = ts.deserialize_cdr(raw, IMAGE_TYPE)
-                    st.encodings.add(msg.encoding)
-                    supported = IR_ENCODINGS if channel[conn.topic] == 0 else VIS_ENCODINGS
-                    image = ros_image.image_to_array(msg, supported)
+                    msg = ts.deserialize_cdr(raw, conn.msgtype)
+                    st.encodings.add(getattr(msg, "encoding", None) or msg.format)
+                    check = checks[channel[conn.topic]]
+                    stamp = check.fields(msg)
+                    checked = check.convert(msg)
                     decode_s = time.perf_counter() - t0
                 except Exception as exc:  # noqa: BLE001 - counted per topic and reported
                     st.decode_failed += 1
                     errors.add(f"decode {conn.topic}", exc, f"message {index}")
                     continue
                 st.decoded += 1
-                stamp = header_seconds(msg)
                 st.stamps.append(stamp)
-                frame = _Frame(index, stamp, receive_ns, msg.header, image, decode_s)
-                for ir_frame, vis_frame in sync.push(channel[conn.topic], stamp, frame):
+                frame = _Frame(index, stamp, receive_ns, msg.header, checked.image, decode_s)
+                resets = sync.resets
+                made = sync.push(channel[conn.topic], stamp, frame)
+                if checked.resized or sync.resets != resets:  # as the node: the IR range is learnt afresh
+                    pipe.ir_normalizer.reset()
+                for ir_frame, vis_frame in made:
                     process(ir_frame, vis_frame)
         finally:
             bar.close()

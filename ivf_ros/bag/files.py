@@ -17,18 +17,20 @@ import numpy as np
 
 from .. import ros_image
 from ..data import PairingError, find_pairs, list_images, read_ir, read_vis
+from ..streams import IR, SUPPORTED, VIS, compression_of, stamp_seconds
 
 IR_TOPIC = "/ir/image"
 VIS_TOPIC = "/visible/image"
 NODE_NAME = "fusion_node"
 OUTPUT_SUFFIXES = ("fused", "labels", "labels_color")
 IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
+IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_TYPE)
 INFO_TYPE = "sensor_msgs/msg/CameraInfo"
 FRAME_NAMES_KEY = "ivf_ros.visible_frame_names"  # bag custom data: names of the visible frames, JSON list
 START_NS = 1_700_000_000 * 10**9  # stamp of the first frame in bags we write (a fixed, realistic epoch)
 RECEIVE_DELAY_NS = 2_000_000  # bag (receive) time after the header stamp, as a recorder on the camera host sees it
-VIS_ENCODINGS = ("mono8", "8UC1", "bgr8", "rgb8", "bgra8", "rgba8")
-IR_ENCODINGS = tuple(ros_image.ENCODINGS)
+IR_ENCODINGS, VIS_ENCODINGS = SUPPORTED[IR], SUPPORTED[VIS]
 STORAGES = ("mcap", "sqlite3")
 
 
@@ -65,6 +67,21 @@ def image_message(array: np.ndarray, encoding: str, stamp_ns: int, frame_id: str
     return ts.types[IMAGE_TYPE](header=header, **fields)
 
 
+def compressed_message(array: np.ndarray, stamp_ns: int, frame_id: str, png: bool):
+    """A rosbags sensor_msgs/CompressedImage of ``array`` as image_transport's ``compressed`` writes it: PNG
+    (lossless, 16-bit kept) or JPEG (quality 90)."""
+    import cv2
+
+    ts = typestore()
+    ok, data = cv2.imencode(".png" if png else ".jpg", array, [] if png else [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise BagError(f"OpenCV cannot encode a {array.dtype.name} image with shape {array.shape}")
+    encoding = "mono16" if array.dtype == np.uint16 else ("mono8" if array.ndim == 2 else "bgr8")
+    header = ts.types["std_msgs/msg/Header"](stamp=_stamp(stamp_ns), frame_id=frame_id)
+    fmt = f"{encoding}; {'png' if png else 'jpeg'} compressed {encoding}"
+    return ts.types[COMPRESSED_TYPE](header=header, format=fmt, data=data.ravel())
+
+
 def camera_info_message(width: int, height: int, stamp_ns: int, frame_id: str):
     """A nominal pinhole CameraInfo (focal length = image width, about 53 degrees across, no distortion)."""
     ts = typestore()
@@ -78,7 +95,8 @@ def camera_info_message(width: int, height: int, stamp_ns: int, frame_id: str):
 
 
 def header_seconds(msg) -> float:
-    return msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+    """The header stamp in seconds; ``ValueError`` for a negative or malformed stamp (the node's guard)."""
+    return stamp_seconds(msg.header.stamp)
 
 
 # -------------------------------------------------------------------------------------------------- writing
@@ -116,8 +134,11 @@ def _convert(img: np.ndarray, encoding: str | None) -> tuple[np.ndarray, str]:
 
 def write_camera_bag(path: str | Path, streams: Sequence[CameraStream], storage: str = "mcap",
                      frame_names: Sequence[str] | None = None, start_ns: int = START_NS,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, compressed: bool = False) -> dict:
     """Write image and CameraInfo topics for each stream, messages in receive-time order; returns a summary.
+
+    ``compressed`` writes sensor_msgs/CompressedImage on ``<topic>/compressed`` instead: PNG for IR (16-bit kept),
+    JPEG for visible, as image_transport's ``compressed`` plugin does.
 
     ``frame_names`` (one per frame of the visible stream) are stored in the bag's custom data so that
     ``ivf bag eval --boxes`` can find each frame's label file by name.
@@ -144,16 +165,20 @@ def write_camera_bag(path: str | Path, streams: Sequence[CameraStream], storage:
         if frame_names is not None:
             writer.set_custom_data(FRAME_NAMES_KEY, json.dumps(list(frame_names)))
         writer.open()
-        conns = [(writer.add_connection(s.topic, IMAGE_TYPE, typestore=ts),
+        kind, suffix = (COMPRESSED_TYPE, "/compressed") if compressed else (IMAGE_TYPE, "")
+        conns = [(writer.add_connection(s.topic + suffix, kind, typestore=ts),
                   writer.add_connection(s.topic.rsplit("/", 1)[0] + "/camera_info", INFO_TYPE, typestore=ts))
                  for s in streams]
         for stamp_ns, k, i in tqdm(events, desc="writing bag", unit="msg", disable=not progress):
             stream = streams[k]
             img, encoding = _convert(stream.load(i), stream.encoding)
-            encodings[stream.topic] = encoding
-            msg = image_message(img, encoding, stamp_ns, stream.frame_id)
+            encodings[stream.topic] = encoding + (" (png)" if stream.is_ir else " (jpeg)") * compressed
+            if compressed:
+                msg = compressed_message(img, stamp_ns, stream.frame_id, png=stream.is_ir)
+            else:
+                msg = image_message(img, encoding, stamp_ns, stream.frame_id)
             info = camera_info_message(img.shape[1], img.shape[0], stamp_ns, stream.frame_id)
-            writer.write(conns[k][0], stamp_ns + RECEIVE_DELAY_NS, ts.serialize_cdr(msg, IMAGE_TYPE))
+            writer.write(conns[k][0], stamp_ns + RECEIVE_DELAY_NS, ts.serialize_cdr(msg, kind))
             writer.write(conns[k][1], stamp_ns + RECEIVE_DELAY_NS, ts.serialize_cdr(info, INFO_TYPE))
             counts[stream.topic] += 1
     except (WriterError, ValueError) as exc:
@@ -235,8 +260,8 @@ def one_line(exc: BaseException) -> str:
 
 
 def image_topics(reader) -> dict[str, int]:
-    """Image topics of a bag and their message counts."""
-    return {name: info.msgcount for name, info in reader.topics.items() if info.msgtype == IMAGE_TYPE}
+    """Image topics (raw and compressed) of a bag and their message counts."""
+    return {name: info.msgcount for name, info in reader.topics.items() if info.msgtype in IMAGE_TYPES}
 
 
 _IR_NAME = re.compile(r"(^|[/_])(ir|lwir|thermal|infrared|therm)([/_]|$)", re.I)
@@ -244,7 +269,8 @@ _VIS_NAME = re.compile(r"(^|[/_])(vis|vi|visible|rgb|color|colour|camera)([/_]|$
 
 
 def pick_topics(reader, ir_topic: str | None = None, vis_topic: str | None = None) -> tuple[str, str]:
-    """The IR and visible image topics: as given, else ``/ir/image`` and ``/visible/image``, else by name."""
+    """The IR and visible image topics: as given, else ``/ir/image`` and ``/visible/image`` (or their
+    ``/compressed``), else by name."""
     images = image_topics(reader)
     outputs = tuple(f"/{s}" for s in OUTPUT_SUFFIXES)
     candidates = [t for t in images if not t.endswith(outputs)]
@@ -255,10 +281,12 @@ def pick_topics(reader, ir_topic: str | None = None, vis_topic: str | None = Non
             if given not in reader.topics:
                 raise BagError(f"{reader.path}: no topic {given}; image topics: {listing}")
             if given not in images:
-                raise BagError(f"{reader.path}: topic {given} is {reader.topics[given].msgtype}, not {IMAGE_TYPE}")
+                raise BagError(f"{reader.path}: topic {given} is {reader.topics[given].msgtype}, not "
+                               f"{' or '.join(IMAGE_TYPES)}")
             return given
-        if default in images:
-            return default
+        for name in (default, default + "/compressed"):
+            if name in images:
+                return name
         found = [t for t in candidates if pattern.search(t) and t != taken]
         if len(found) != 1:
             raise BagError(f"{reader.path}: cannot tell which image topic is {what} (image topics: {listing}); "
@@ -283,8 +311,15 @@ def check_first_encoding(reader, topic: str, supported: Sequence[str]) -> None:
     ts = typestore()
     conns = [c for c in reader.connections if c.topic == topic]
     try:
-        for _, _, raw in reader.messages(connections=conns):
-            encoding = ts.deserialize_cdr(raw, IMAGE_TYPE).encoding
+        for conn, _, raw in reader.messages(connections=conns):
+            msg = ts.deserialize_cdr(raw, conn.msgtype)
+            if conn.msgtype == COMPRESSED_TYPE:
+                try:
+                    compression_of(msg.format)
+                except ValueError as exc:
+                    raise BagError(f"{reader.path}: topic {topic}: {exc}") from None
+                return
+            encoding = msg.encoding
             if encoding not in supported:
                 raise BagError(f"{reader.path}: topic {topic} has encoding '{encoding}', which is not supported "
                                f"(supported: {', '.join(supported)})")

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import ros_image
-from .files import (IMAGE_TYPE, INFO_TYPE, IR_ENCODINGS, VIS_ENCODINGS, BagError, check_first_encoding, copy_connection,
-                    header_seconds, image_topics, json_default, open_bag, output_topics, percentiles, pick_topics,
-                    prepare_output, spread, storage_of, typestore)
+from ..streams import IR, VIS, StreamCheck
+from .files import (COMPRESSED_TYPE, IMAGE_TYPE, IMAGE_TYPES, INFO_TYPE, IR_ENCODINGS, VIS_ENCODINGS, BagError,
+                    check_first_encoding, copy_connection, image_topics, json_default, open_bag, output_topics,
+                    percentiles, pick_topics, prepare_output, spread, storage_of, typestore)
 
 # -------------------------------------------------------------------------------------------------- ROS replay
 
@@ -52,7 +53,7 @@ def replay(node, bag: str | Path, *, rate: float = 1.0, loop: bool = False, topi
     try:
         wanted = set(topics) if topics else None
         conns = [c for c in reader.connections
-                 if (c.topic in wanted if wanted else c.msgtype in (IMAGE_TYPE, INFO_TYPE))]
+                 if (c.topic in wanted if wanted else c.msgtype in (*IMAGE_TYPES, INFO_TYPE))]
         if wanted and wanted - {c.topic for c in conns}:
             raise BagError(f"{bag}: no topic(s) {', '.join(sorted(wanted - {c.topic for c in conns}))}")
         if not conns:
@@ -69,7 +70,7 @@ def replay(node, bag: str | Path, *, rate: float = 1.0, loop: bool = False, topi
         if unknown:
             node.get_logger().warning(f"not replayed (message package not installed): {', '.join(unknown)}")
         clock_pub = node.create_publisher(Clock, "/clock", QoSProfile(depth=1)) if clock else None
-        images = [p for t, p in publishers.items() if reader.topics[t].msgtype == IMAGE_TYPE]
+        images = [p for t, p in publishers.items() if reader.topics[t].msgtype in IMAGE_TYPES]
         deadline = time.monotonic() + wait_for_subscribers
         while time.monotonic() < deadline and not all(p.get_subscription_count() for p in images):
             time.sleep(0.05)
@@ -149,7 +150,7 @@ def evaluate_live(bag: str | Path, out: str | Path, *, ir_topic: str | None = No
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
-    from ..node import use_fastdds_profile
+    from ..dds import use_fastdds_profile
     from ..sync import ApproximateTimeSynchronizer
 
     bag, out = Path(bag), Path(out)
@@ -158,10 +159,13 @@ def evaluate_live(bag: str | Path, out: str | Path, *, ir_topic: str | None = No
         ir_topic, vis_topic = pick_topics(reader, ir_topic, vis_topic)
         check_first_encoding(reader, ir_topic, IR_ENCODINGS)
         check_first_encoding(reader, vis_topic, VIS_ENCODINGS)
-        expected = _expected_pairs(reader, ir_topic, vis_topic, ApproximateTimeSynchronizer(queue_size, slop))
+        expected, rejected = _expected_pairs(reader, ir_topic, vis_topic,
+                                             ApproximateTimeSynchronizer(queue_size, slop))
         counts = image_topics(reader)
         replayed = [t for t, info in reader.topics.items()  # never the node's own outputs of an earlier run
-                    if info.msgtype in (IMAGE_TYPE, INFO_TYPE) and t not in output_topics()]
+                    if info.msgtype in (*IMAGE_TYPES, INFO_TYPE) and t not in output_topics()]
+        vis_type = reader.topics[vis_topic].msgtype
+        compressed = reader.topics[ir_topic].msgtype == COMPRESSED_TYPE
     finally:
         reader.close()
     storage = storage or storage_of(bag)
@@ -173,11 +177,12 @@ def evaluate_live(bag: str | Path, out: str | Path, *, ir_topic: str | None = No
     if domain_id is not None:
         env["ROS_DOMAIN_ID"] = str(domain_id)
     params = {"use_sim_time": "true", "publish_labels_color": "true", "device": device, "sync.slop": str(float(slop)),
-              "sync.queue_size": str(int(queue_size))}
+              "sync.queue_size": str(int(queue_size)), "transport": "compressed" if compressed else "raw"}
     if checkpoint:
         params["checkpoint"] = str(Path(checkpoint).resolve())
+    suffix = "/compressed" if compressed else ""
     cmd = node_command() + ["--ros-args"] + [a for k, v in params.items() for a in ("-p", f"{k}:={v}")] + [
-        "-r", f"ir/image:={ir_topic}", "-r", f"visible/image:={vis_topic}"]
+        "-r", f"ir/image{suffix}:={ir_topic}", "-r", f"visible/image{suffix}:={vis_topic}"]
     log_path = out / "node.log"
     outputs = output_topics()
     received: dict[str, list] = {t: [] for t in outputs + ["/diagnostics"]}
@@ -206,7 +211,7 @@ def evaluate_live(bag: str | Path, out: str | Path, *, ir_topic: str | None = No
 
         def on_publish(topic: str, bag_ns: int, raw) -> None:
             if topic == vis_topic:
-                msg = ts.deserialize_cdr(raw, IMAGE_TYPE)
+                msg = ts.deserialize_cdr(raw, vis_type)
                 published_wall[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = time.monotonic()
 
         wall_start = time.monotonic()
@@ -243,7 +248,8 @@ def evaluate_live(bag: str | Path, out: str | Path, *, ir_topic: str | None = No
         "replay": {"rate": rate, "messages": played["messages"], "seconds": round(wall_end - wall_start, 3)},
         "topics": {"ir": {"topic": ir_topic, "messages": counts[ir_topic]},
                    "visible": {"topic": vis_topic, "messages": counts[vis_topic]}},
-        "sync": {"slop_s": slop, "queue_size": queue_size, "expected_pairs": expected},
+        "sync": {"slop_s": slop, "queue_size": queue_size, "expected_pairs": expected,
+                 "rejected_by_stream_check": rejected},
         "received": {t: len(v) for t, v in received.items()},
         "latency_ms": {"visible_to_fused": percentiles(latencies)},
         "outputs": {"bag": str(out_bag), "storage": storage},
@@ -254,16 +260,21 @@ def evaluate_live(bag: str | Path, out: str | Path, *, ir_topic: str | None = No
     return report
 
 
-def _expected_pairs(reader, ir_topic: str, vis_topic: str, sync) -> int:
-    """Pairs the synchroniser makes from the bag's header stamps (what the node can fuse at most)."""
+def _expected_pairs(reader, ir_topic: str, vis_topic: str, sync) -> tuple[int, dict]:
+    """Pairs the synchroniser makes from the bag's header stamps (what the node can fuse at most), and per topic
+    the messages that the node's arrival check rejects (they never pair, in the node either)."""
     ts = typestore()
-    channel = {ir_topic: 0, vis_topic: 1}
+    channel = {ir_topic: IR, vis_topic: VIS}
+    checks = {IR: StreamCheck(IR), VIS: StreamCheck(VIS)}
+    rejected = {ir_topic: 0, vis_topic: 0}
     for conn, _, raw in reader.messages(connections=[c for c in reader.connections if c.topic in channel]):
         try:
-            sync.push(channel[conn.topic], header_seconds(ts.deserialize_cdr(raw, IMAGE_TYPE)), None)
-        except Exception:  # noqa: BLE001 - undecodable messages never pair, in the node either
+            stamp = checks[channel[conn.topic]].fields(ts.deserialize_cdr(raw, conn.msgtype))
+        except Exception:  # noqa: BLE001 - undecodable or rejected: counted
+            rejected[conn.topic] += 1
             continue
-    return sync.pairs
+        sync.push(channel[conn.topic], stamp, None)
+    return sync.pairs, rejected
 
 
 def _wait_for_node(node, proc, topics: Sequence[str], timeout: float, log_path: Path) -> bool:
@@ -357,21 +368,22 @@ def _write_live_pictures(bag: Path, out: Path, report: dict, received: dict, out
         reader = open_bag(bag)
         try:
             conns = [c for c in reader.connections if c.topic in (ir_topic, vis_topic)]
+            checks = {ir_topic: StreamCheck(IR), vis_topic: StreamCheck(VIS)}
             for conn, _, raw in reader.messages(connections=conns):
-                msg = decode(raw)
+                msg = ts.deserialize_cdr(bytes(raw), conn.msgtype)
                 first_ns = stamp_of(msg) if first_ns is None else min(first_ns, stamp_of(msg))
                 if conn.topic == vis_topic and stamp_of(msg) in wanted:
-                    vis_imgs[stamp_of(msg)] = ros_image.image_to_array(msg)
+                    vis_imgs[stamp_of(msg)] = checks[vis_topic].convert(msg).image
                 elif conn.topic == ir_topic:
-                    ir_msgs.append((stamp_of(msg), raw))
+                    ir_msgs.append((stamp_of(msg), msg))
         finally:
             reader.close()
         rows, labels = [], []
         for stamp, msg in sorted(wanted.items()):
             if stamp not in vis_imgs or stamp not in overlays or not ir_msgs:
                 continue
-            ir_raw = min(ir_msgs, key=lambda item: abs(item[0] - stamp))[1]
-            rows.append([display_bgr(ros_image.image_to_array(decode(ir_raw)), stretch=True), vis_imgs[stamp],
+            ir_msg = min(ir_msgs, key=lambda item: abs(item[0] - stamp))[1]
+            rows.append([display_bgr(checks[ir_topic].convert(ir_msg).image, stretch=True), vis_imgs[stamp],
                          ros_image.image_to_array(msg), overlays[stamp]])
             labels.append(f"t = {(stamp - first_ns) / 1e9:.2f} s")
         if rows:

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     make.add_argument("--storage", choices=bag.STORAGES, default="mcap", help="storage plugin (default mcap)")
     make.add_argument("--limit", type=int, help="keep this many frames (pairs spread over the set)")
     make.add_argument("--seed", type=int, default=0, help="seed of the jitter (default 0)")
+    make.add_argument("--compressed", action="store_true",
+                      help="write sensor_msgs/CompressedImage on <topic>/compressed (PNG IR, JPEG visible)")
     make.set_defaults(_bag=run_make)
 
     ev = sub.add_parser("eval", help="run the fusion pipeline over a bag and write a report")
@@ -71,7 +73,8 @@ def run_make(args) -> int:
     streams, names, mode = bag.folder_streams(
         args.ir, args.vis, rate=args.rate, vis_rate=args.vis_rate, offset_ms=args.offset_ms,
         jitter_ms=args.jitter_ms, ir_encoding=args.ir_encoding, limit=args.limit, seed=args.seed)
-    summary = bag.write_camera_bag(args.out, streams, storage=args.storage, frame_names=names, progress=True)
+    summary = bag.write_camera_bag(args.out, streams, storage=args.storage, frame_names=names, progress=True,
+                                   compressed=args.compressed)
     counts = ", ".join(f"{t}: {n} ({summary['encodings'].get(t, '-')})" for t, n in summary["messages"].items())
     print(f"wrote {summary['bag']} ({summary['storage']}, {mode}): {counts}")
     return 0
@@ -101,7 +104,7 @@ def run_eval(args) -> int:
 def run_replay(args) -> int:
     import rclpy
 
-    from ..node import use_fastdds_profile
+    from ..dds import use_fastdds_profile
 
     use_fastdds_profile()
     rclpy.init(domain_id=args.domain_id)

@@ -47,7 +47,7 @@ def _frames(width: int, height: int, count: int = 8):
 
 
 def run(args) -> int:
-    from ivf_ros.node import use_fastdds_profile
+    from ivf_ros.dds import use_fastdds_profile
 
     env = dict(os.environ, ROS_DOMAIN_ID=str(random.randint(100, 200)))
     use_fastdds_profile(env)
