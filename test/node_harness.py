@@ -178,8 +178,13 @@ class Ros:
                 node._stop()
             node.destroy_node()
 
-    def shutdown(self):
-        rclpy.shutdown(context=self.context)
+    @classmethod
+    def shared(cls):
+        """The process's one test context: shutting a context down ends rclpy's logging to /rosout for later ones,
+        so the node test modules share it (and it ends with the process)."""
+        if not hasattr(cls, "_shared"):
+            cls._shared = cls()
+        return cls._shared
 
 
 def warm_up(harness, topic="fused", publish=None):

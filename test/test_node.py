@@ -31,9 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def ros():
-    r = Ros()
-    yield r
-    r.shutdown()
+    return Ros.shared()
 
 
 @pytest.fixture

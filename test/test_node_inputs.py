@@ -61,9 +61,7 @@ def _good(stream, transport, t):
 
 @pytest.fixture(scope="module")
 def ros():
-    r = Ros()
-    yield r
-    r.shutdown()
+    return Ros.shared()
 
 
 @pytest.fixture(scope="module")
