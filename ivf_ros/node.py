@@ -124,7 +124,8 @@ class FusionNode(LifecycleNode):
                          (kind, f"visible/image{suffix}", functools.partial(self._on_image, VIS)),
                          (CameraInfo, "visible/camera_info", self._on_camera_info)]
         self._inputs = [self.create_subscription(k, topic, self._log.guarded(cb), input_qos(),
-                                                 qos_overriding_options=overridable()) for k, topic, cb in subscriptions]
+                                                 qos_overriding_options=overridable())
+                        for k, topic, cb in subscriptions]
         self.get_logger().info(f"fusing on {self.pipeline.device}{' (half)' if self.pipeline.half else ''}: "
                                f"{self._inputs[IR].topic_name} + {self._inputs[VIS].topic_name}")
         return super().on_activate(state)
