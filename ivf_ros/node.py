@@ -27,7 +27,7 @@ from std_msgs.msg import String
 from . import ros_image
 from .backends import ONNX_BACKENDS
 from .dds import input_qos, latched_qos, output_qos, overridable, use_fastdds_profile
-from .node_params import FILE_ERRORS, PARAMETERS, Settings, build_settings, declare
+from .node_params import FILE_ERRORS, PARAMETERS, Settings, build_settings, change, declare
 from .node_stats import NodeStats, RateLimitedLog
 from .pipeline import FusionPipeline
 from .streams import IR, STREAM_NAMES, VIS, StreamCheck, stamp_seconds
@@ -69,7 +69,7 @@ class FusionNode(LifecycleNode):
         self.failure = ""  # why the last transition failed
         self.sync: ApproximateTimeSynchronizer | None = None
         self.stats = NodeStats()
-        self._log = RateLimitedLog(self.get_logger())
+        self._log = RateLimitedLog(self.get_logger(), lambda: self.stats)
         self._checks = [StreamCheck(IR), StreamCheck(VIS)]
         self._active = False
         self._outputs, self._inputs, self._timers = {}, [], []
@@ -117,14 +117,15 @@ class FusionNode(LifecycleNode):
         self._checks = [StreamCheck(ch, values["max_pixels"]) for ch in (IR, VIS)]
         self._active = True
         self._worker = LatestWorker(self._process, lambda exc: self._log.warn(
-            self.stats, "error", f"pair failed: {type(exc).__name__}: {' '.join(str(exc).split())}"),
+            "error", f"pair failed: {type(exc).__name__}: {' '.join(str(exc).split())}"),
             name=f"fusion_worker {self.get_fully_qualified_name()}")
         kind, suffix = (CompressedImage, "/compressed") if values["transport"] == "compressed" else (Image, "")
         subscriptions = [(kind, f"ir/image{suffix}", functools.partial(self._on_image, IR)),
                          (kind, f"visible/image{suffix}", functools.partial(self._on_image, VIS)),
                          (CameraInfo, "visible/camera_info", self._on_camera_info)]
-        self._inputs = [self.create_subscription(k, topic, self._guarded(cb), input_qos(),
-                                                 qos_overriding_options=overridable()) for k, topic, cb in subscriptions]
+        self._inputs = [self.create_subscription(k, topic, self._log.guarded(cb), input_qos(),
+                                                 qos_overriding_options=overridable())
+                        for k, topic, cb in subscriptions]
         self.get_logger().info(f"fusing on {self.pipeline.device}{' (half)' if self.pipeline.half else ''}: "
                                f"{self._inputs[IR].topic_name} + {self._inputs[VIS].topic_name}")
         return super().on_activate(state)
@@ -173,20 +174,14 @@ class FusionNode(LifecycleNode):
         self._timers, self._outputs = [], {}
 
     # ---------------------------------------------------------------- parameters
-    def _values(self, changes=()) -> dict:
-        values = {name: self.get_parameter(name).value for name in PARAMETERS}
-        values.update({p.name: p.value for p in changes if p.name in PARAMETERS})
-        return values
+    def _values(self) -> dict:
+        return {name: self.get_parameter(name).value for name in PARAMETERS}
 
     def _on_set_parameters(self, params) -> SetParametersResult:
-        try:
-            settings = build_settings(self._values(params))
+        try:  # a user's file may raise anything: refused with the reason, never out of this callback
+            settings = change(self._values(), params, self._active)
         except FILE_ERRORS as exc:
             return SetParametersResult(successful=False, reason=" ".join(str(exc).split()) or type(exc).__name__)
-        frozen = [p.name for p in params if p.name in PARAMETERS and not PARAMETERS[p.name].live]
-        if self._active and frozen:
-            return SetParametersResult(successful=False,
-                                       reason=f"{', '.join(frozen)} can only change while the node is inactive")
         if self.settings is not None:
             self._apply(settings)
         return SetParametersResult(successful=True)
@@ -205,18 +200,6 @@ class FusionNode(LifecycleNode):
                 self.pipeline.registration = settings.registration
 
     # ---------------------------------------------------------------- input
-    def _guarded(self, callback):
-        """A subscription callback that counts and logs any error instead of stopping the executor."""
-
-        def run(msg) -> None:
-            try:
-                callback(msg)
-            except Exception as exc:  # noqa: BLE001 - nothing a peer sends may stop the node
-                self.stats.errors += 1
-                self._log.warn(self.stats, "callback", f"input callback failed: {type(exc).__name__}: {exc}")
-
-        return run
-
     def _on_image(self, channel: int, msg) -> None:
         now = time.monotonic()
         back = self.stats.arrived(channel, now)
@@ -225,7 +208,7 @@ class FusionNode(LifecycleNode):
         try:
             stamp = self._checks[channel].fields(msg)
         except ValueError as exc:
-            return self._bad(channel, exc)
+            return self._log.bad_image(channel, exc)
         resets = self.sync.resets
         pairs = self.sync.push(channel, stamp, msg)
         if self.sync.resets != resets:
@@ -236,7 +219,7 @@ class FusionNode(LifecycleNode):
         for pair in pairs:
             if not any(self._outputs[t].get_subscription_count() for t in self._listened_outputs()):
                 self.stats.unheard += 1
-                self._log.warn(self.stats, "unheard", "no subscribers to the outputs: pairs are counted, not fused",
+                self._log.warn("unheard", "no subscribers to the outputs: pairs are counted, not fused",
                                input_problem=False)
                 continue
             self.stats.skipped += self._worker.put((*pair, now))
@@ -244,18 +227,12 @@ class FusionNode(LifecycleNode):
     def _listened_outputs(self) -> tuple[str, ...]:
         return IMAGE_OUTPUTS if self.settings.values["publish_labels_color"] else IMAGE_OUTPUTS[:2] + IMAGE_OUTPUTS[3:]
 
-    def _bad(self, channel: int, exc: Exception) -> None:
-        self.stats.bad[channel] += 1
-        text = " ".join(str(exc).split())
-        self._log.warn(self.stats, f"bad{channel}:{' '.join(text.split()[:2])}",
-                       f"{STREAM_NAMES[channel]} image ignored: {text}")
-
     def _on_camera_info(self, msg: CameraInfo) -> None:
         try:
             stamp_seconds(msg.header.stamp)
         except ValueError as exc:
             self.stats.bad_camera_info += 1
-            return self._log.warn(self.stats, "bad_info", f"camera info ignored: {exc}")
+            return self._log.warn("bad_info", f"camera info ignored: {exc}")
         self.stats.camera_info, self.stats.camera_info_count = msg, self.stats.camera_info_count + 1
 
     def _watch_inputs(self) -> None:
@@ -263,7 +240,7 @@ class FusionNode(LifecycleNode):
             return
         topics = [s.topic_name for s in self._inputs[:2]]
         for key, text in self.stats.silences(time.monotonic(), self.settings.values["silence_timeout"], topics):
-            self._log.warn(self.stats, key, text, input_problem=False)
+            self._log.warn(key, text, input_problem=False)
 
     # ---------------------------------------------------------------- processing (worker thread)
     def _process(self, item) -> None:
@@ -273,9 +250,9 @@ class FusionNode(LifecycleNode):
             try:
                 checked = self._checks[channel].convert(msg)
             except ValueError as exc:
-                return self._bad(channel, exc)
+                return self._log.bad_image(channel, exc)
             for note in checked.notes:
-                self._log.warn(self.stats, note.split(":")[0], note)
+                self._log.warn(note.split(":")[0], note)
             self._restart_normalizer |= checked.resized
             images.append(checked.image)
         pipeline = self.pipeline
@@ -294,12 +271,8 @@ class FusionNode(LifecycleNode):
         self._publish("~/labels", result.labels, "mono8", header)
         if self.settings.values["publish_labels_color"]:
             self._publish("~/labels_color", pipeline.overlay(result), "bgr8", header)
-        info = self.stats.camera_info
-        if info is not None:
-            self._outputs["~/camera_info"].publish(CameraInfo(
-                header=header, height=info.height, width=info.width, distortion_model=info.distortion_model,
-                d=info.d, k=info.k, r=info.r, p=info.p, binning_x=info.binning_x, binning_y=info.binning_y,
-                roi=info.roi))
+        if self.stats.camera_info is not None:
+            self._outputs["~/camera_info"].publish(ros_image.restamped(self.stats.camera_info, header))
         self.stats.fused += 1
 
     def _publish(self, topic: str, array, encoding: str, header) -> None:

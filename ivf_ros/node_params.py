@@ -129,6 +129,17 @@ def build_settings(values: dict) -> Settings:
     return Settings(normalizer, registration, values)
 
 
+def change(current: dict, params, active: bool) -> Settings:
+    """The settings once ``params`` (rclpy Parameters) are set; ``ValueError`` with the reason when refused."""
+    values = dict(current)
+    values.update({p.name: p.value for p in params if p.name in PARAMETERS})
+    settings = build_settings(values)
+    frozen = [p.name for p in params if p.name in PARAMETERS and not PARAMETERS[p.name].live]
+    if active and frozen:
+        raise ValueError(f"{', '.join(frozen)} can only change while the node is inactive")
+    return settings
+
+
 def _one_line(exc: BaseException, path: str = "") -> str:
     """The reason in one line, naming ``path`` and, for errors other than ValueError, the kind of error."""
     text = " ".join(str(exc).split()) or type(exc).__name__

@@ -128,16 +128,35 @@ class NodeStats:
 
 
 class RateLimitedLog:
-    """Log each kind of problem at most once per ``WARN_PERIOD_S``; input problems also show in the status."""
+    """Log each kind of problem at most once per ``WARN_PERIOD_S``; input problems also show in the status.
+    ``stats`` is read when called: the node replaces it at each activation."""
 
-    def __init__(self, logger):
-        self.logger = logger
+    def __init__(self, logger, stats):
+        self.logger, self.stats = logger, stats
         self.warned: dict[str, float] = {}
 
-    def warn(self, stats: NodeStats, key: str, text: str, input_problem: bool = True) -> None:
+    def warn(self, key: str, text: str, input_problem: bool = True) -> None:
         now = time.monotonic()
         if now - self.warned.get(key, -WARN_PERIOD_S) >= WARN_PERIOD_S:
             self.warned[key] = now
             self.logger.warning(text)
         if input_problem:
-            stats.problem = (now, text)
+            self.stats().problem = (now, text)
+
+    def bad_image(self, channel: int, exc: Exception) -> None:
+        """Count and report an image that an input check refused."""
+        self.stats().bad[channel] += 1
+        text = " ".join(str(exc).split())
+        self.warn(f"bad{channel}:{' '.join(text.split()[:2])}", f"{STREAM_NAMES[channel]} image ignored: {text}")
+
+    def guarded(self, callback):
+        """``callback`` made safe for a subscription: any error is counted and logged, never raised."""
+
+        def run(msg) -> None:
+            try:
+                callback(msg)
+            except Exception as exc:  # noqa: BLE001 - nothing a peer sends may stop the node
+                self.stats().errors += 1
+                self.warn("callback", f"input callback failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
+
+        return run

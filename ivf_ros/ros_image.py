@@ -99,3 +99,12 @@ def fill_image(msg, array: np.ndarray, encoding: str, header=None):
     if header is not None:
         msg.header = header
     return msg
+
+
+def restamped(msg, header):
+    """A copy of the ROS message ``msg`` (CameraInfo, ...) with ``header`` instead of its own."""
+    out = type(msg)()
+    for name in msg.get_fields_and_field_types():
+        setattr(out, name, getattr(msg, name))
+    out.header = header
+    return out

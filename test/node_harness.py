@@ -141,7 +141,8 @@ class Harness:
         client = self.node.create_client(SetParameters, "fusion_node/set_parameters")
         try:
             assert client.wait_for_service(timeout_sec=5.0)
-            future = client.call_async(SetParameters.Request(parameters=[Parameter(name, value=val).to_parameter_msg()]))
+            request = SetParameters.Request(parameters=[Parameter(name, value=val).to_parameter_msg()])
+            future = client.call_async(request)
             assert self.wait(future.done, timeout=5.0), "no answer from fusion_node/set_parameters (node dead?)"
             return future.result().results[0]
         finally:
@@ -178,8 +179,13 @@ class Ros:
                 node._stop()
             node.destroy_node()
 
-    def shutdown(self):
-        rclpy.shutdown(context=self.context)
+    @classmethod
+    def shared(cls):
+        """The process's one test context: shutting a context down ends rclpy's logging to /rosout for later ones,
+        so the node test modules share it (and it ends with the process)."""
+        if not hasattr(cls, "_shared"):
+            cls._shared = cls()
+        return cls._shared
 
 
 def warm_up(harness, topic="fused", publish=None):

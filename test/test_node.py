@@ -31,9 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def ros():
-    r = Ros()
-    yield r
-    r.shutdown()
+    return Ros.shared()
 
 
 @pytest.fixture
@@ -445,7 +443,7 @@ def test_deactivate_during_a_slow_pair_never_leaves_two_workers(launch, monkeypa
     h.ir.publish(image(ir16(1024, 1024), "mono16", stamp))
     h.vis.publish(image(RNG.integers(0, 256, (2048, 2048), dtype=np.uint8), "mono8", stamp))
     assert h.wait(lambda: value(node.diagnostics(), "pairs made") > pairs)
-    time.sleep(0.2)
+    time.sleep(0.1)  # the worker takes the pair; processing it takes far longer than this and the 0.05 s wait
     assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
     assert workers() == 1, "the slow pair finished before deactivation: this test needs a slower pair"
     assert node.trigger_activate() == TransitionCallbackReturn.FAILURE

@@ -61,9 +61,7 @@ def _good(stream, transport, t):
 
 @pytest.fixture(scope="module")
 def ros():
-    r = Ros()
-    yield r
-    r.shutdown()
+    return Ros.shared()
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +185,17 @@ def test_live_eval_counts_what_the_node_would_reject(tmp_path):
     finally:
         reader.close()
     assert pairs == 2 and rejected == {"/ir/image": 0, "/visible/image": 1}
+
+
+def test_live_eval_of_a_compressed_bag_through_the_real_node(tmp_path):
+    from node_harness import DOMAIN
+
+    stamps = [i / 10 for i in range(8)]
+    streams = [bag.CameraStream(bag.IR_TOPIC, "ir", stamps, [ir16(72, 96) for _ in stamps], is_ir=True),
+               bag.CameraStream(bag.VIS_TOPIC, "vis", [t + 0.01 for t in stamps], [bgr(72, 96) for _ in stamps])]
+    bag.write_camera_bag(tmp_path / "in", streams, compressed=True)
+    report = bag.evaluate_live(tmp_path / "in", tmp_path / "live", device="cpu", domain_id=DOMAIN,
+                               startup_timeout=90, rate=0.3, progress=False)
+    assert "-p transport:=compressed" in report["node"]["command"]
+    assert report["sync"]["expected_pairs"] == 8
+    assert 6 <= report["received"]["/fusion_node/fused"] <= 8  # the node may skip a pair while busy, never invent one

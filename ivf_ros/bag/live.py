@@ -406,6 +406,10 @@ def live_report_markdown(report: dict) -> str:
     lines += ["", f"Replay at {report['replay']['rate']}x took {report['replay']['seconds']:.1f} s. The synchroniser "
                   f"(slop {s['slop_s'] * 1e3:.0f} ms, queue {s['queue_size']}) makes {s['expected_pairs']} pairs from "
                   f"the bag's stamps; the node published {fused} fused images."]
+    refused = {t: n for t, n in s.get("rejected_by_stream_check", {}).items() if n}
+    if refused:
+        lines.append("Messages the node's input check refuses (never paired): "
+                     + ", ".join(f"`{t}` {n}" for t, n in refused.items()) + ".")
     p = report["latency_ms"]["visible_to_fused"]
     if p.get("count"):
         lines += ["", "## Latency: visible image published -> fused image received (ms)", "",

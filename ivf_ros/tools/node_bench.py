@@ -1,4 +1,10 @@
-"""Benchmark fusion_node over real DDS: publish IR + visible pairs at a rate, report pairs, drops, latency, memory."""
+"""Benchmark fusion_node over real DDS: publish IR + visible pairs at a rate, report pairs, drops, latency, memory.
+
+Every pair published is accounted for from the node's own counters (differences over the measured run): lost by DDS
+on the way in, left unpaired by the synchroniser, skipped by the latest-pair rule (the one expected loss when
+inference is slower than the cameras), failed in the node, or lost by DDS on the way out. The node's resident
+memory is sampled through the run (growth = end - start; slope over the second half, to tell a leak from warm-up).
+"""
 from __future__ import annotations
 
 import json
@@ -49,7 +55,8 @@ def _frames(width: int, height: int, count: int = 8):
 def run(args) -> int:
     from ivf_ros.dds import use_fastdds_profile
 
-    env = dict(os.environ, ROS_DOMAIN_ID=str(random.randint(100, 200)))
+    env = dict(os.environ)
+    env.setdefault("ROS_DOMAIN_ID", str(random.randint(100, 200)))
     use_fastdds_profile(env)
     os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "FASTDDS_DEFAULT_PROFILES_FILE") if k in env})
 
@@ -71,6 +78,7 @@ def run(args) -> int:
     node = rclpy.create_node("fusion_bench")
     received: list[tuple[float, float]] = []  # (visible stamp, receive time), ROS clock seconds
     diagnostics: dict[str, str] = {}
+    diagnostics_seen = [0]
 
     def on_fused(msg):
         received.append((Time.from_msg(msg.header.stamp).nanoseconds * 1e-9, node.get_clock().now().nanoseconds * 1e-9))
@@ -79,6 +87,7 @@ def run(args) -> int:
         for status in msg.status:
             if status.name.endswith(": fusion"):
                 diagnostics.update({kv.key: kv.value for kv in status.values})
+                diagnostics_seen[0] += 1
 
     reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
     node.create_subscription(Image, "/fusion_node/fused", on_fused, reliable)
@@ -103,8 +112,9 @@ def run(args) -> int:
             print(f"bench-node: no fused image within 120 s; log: {log.name}", file=sys.stderr)
             return 1
         time.sleep(1.0)
+        before = _fresh_diagnostics(diagnostics, diagnostics_seen)
         received.clear()
-        rss_start = _rss_mb(node_proc.pid)
+        rss = [(0.0, _rss_mb(node_proc.pid))]
         sent_stamps = []
         period = 1.0 / args.rate
         start = time.monotonic()
@@ -112,8 +122,11 @@ def run(args) -> int:
             time.sleep(max(0.0, start + i * period - time.monotonic()))
             sent_stamps.append(_publish_pair(node, pub_ir, pub_vis, frames[i % len(frames)],
                                              random.uniform(-args.jitter, args.jitter)))
-        time.sleep(3.0)  # let the last pairs and a diagnostics message arrive
-        rss_end = _rss_mb(node_proc.pid)
+            if time.monotonic() - start - rss[-1][0] >= 10.0:
+                rss.append((time.monotonic() - start, _rss_mb(node_proc.pid)))
+        time.sleep(3.0)  # let the last pairs arrive
+        after = _fresh_diagnostics(diagnostics, diagnostics_seen)
+        rss.append((time.monotonic() - start, _rss_mb(node_proc.pid)))
     finally:
         executor.shutdown()
         node_proc.terminate()
@@ -123,6 +136,21 @@ def run(args) -> int:
     sent = set(sent_stamps)
     out = [(s, r) for s, r in received if s in sent]
     latency_ms = np.array([r - s for s, r in out]) * 1e3
+    n = len(sent_stamps)
+    delta = {k: int(float(after.get(k, 0))) - int(float(before.get(k, 0))) for k in (
+        "IR images", "visible images", "IR dropped unpaired", "visible dropped unpaired", "pairs made",
+        "pairs fused", "pairs skipped (busy)", "pairs not processed (no subscribers)", "bad IR images",
+        "bad visible images")}
+    losses = {
+        "ir_lost_by_dds": n - delta["IR images"], "visible_lost_by_dds": n - delta["visible images"],
+        "unpaired": delta["IR dropped unpaired"] + delta["visible dropped unpaired"],
+        "bad_images": delta["bad IR images"] + delta["bad visible images"],
+        "failed_in_node": delta["pairs made"] - delta["pairs skipped (busy)"]
+        - delta["pairs not processed (no subscribers)"] - delta["pairs fused"],
+        "outputs_lost_by_dds": delta["pairs fused"] - len(out),
+    }
+    half = [(t, m) for t, m in rss if t >= args.duration / 2]
+    slope = float(np.polyfit(*zip(*half), 1)[0]) * 60.0 if len(half) >= 2 else None
     results = {
         "image": f"{args.width}x{args.height}", "rate_hz": args.rate, "duration_s": args.duration,
         "device": diagnostics.get("device", args.device),
@@ -131,13 +159,26 @@ def run(args) -> int:
         "output_rate_hz": round(len(out) / args.duration, 2),
         "latency_p50_ms": round(float(np.percentile(latency_ms, 50)), 1) if out else None,
         "latency_p99_ms": round(float(np.percentile(latency_ms, 99)), 1) if out else None,
-        "node_rss_start_mb": round(rss_start, 1), "node_rss_end_mb": round(rss_end, 1),
-        "node_diagnostics": diagnostics,
+        "skipped_by_latest_pair_rule": delta["pairs skipped (busy)"],
+        "lost_beyond_latest_pair_rule": sum(losses.values()), "losses": losses,
+        "node_rss_start_mb": round(rss[0][1], 1), "node_rss_end_mb": round(rss[-1][1], 1),
+        "node_rss_max_mb": round(max(m for _, m in rss), 1), "node_rss_growth_mb": round(rss[-1][1] - rss[0][1], 1),
+        "node_rss_slope_second_half_mb_per_min": None if slope is None else round(slope, 2),
+        "node_rss_samples_mb": [round(m, 1) for _, m in rss],
+        "node_diagnostics": after,
     }
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def _fresh_diagnostics(diagnostics: dict, seen: list, timeout: float = 10.0) -> dict:
+    """A copy of the node's diagnostics as of now (the second message after this call: the first may be old)."""
+    count, deadline = seen[0], time.monotonic() + timeout
+    while seen[0] < count + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return dict(diagnostics)
 
 
 def _publish_pair(node, pub_ir, pub_vis, frame, jitter: float) -> float:
