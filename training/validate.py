@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ivf_ros.metrics import BoxScorer, fusion_metrics, to_gray
+from ivf_ros.metrics import BoxScorer, fusion_metrics, regions_to_boxes, to_gray
 
 from .datasets import Sample, to_tensors
 
@@ -14,7 +14,8 @@ VALIDATION_METRICS = ("EN", "VIF", "Qabf", "SSIM", "SCD")
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, samples: list[Sample], classes: list[str], progress: bool = True) -> dict:
-    """Mean fusion metrics over ``samples`` and, where boxes exist, per-class F1 (as ``<class>_f1``)."""
+    """Mean fusion metrics over ``samples`` and, where boxes exist, per class the region F1 (``<class>_f1``) and
+    the judge's pixel precision, box recall and F (``<class>_p``, ``<class>_r``, ``<class>_f``) and ``mean_f``."""
     model.eval()
     sums = dict.fromkeys(VALIDATION_METRICS, 0.0)
     scorer = BoxScorer(classes)
@@ -26,10 +27,21 @@ def validate(model: torch.nn.Module, samples: list[Sample], classes: list[str], 
         values = fusion_metrics(s.ir.astype(np.float64), to_gray(s.vis), fused_gray, VALIDATION_METRICS)
         for k in VALIDATION_METRICS:
             sums[k] += values[k]
-        if s.boxes is not None:
+        boxes = s.boxes if s.boxes is not None else label_boxes(s.target, len(classes))
+        if boxes is not None:
             has_boxes = True
-            scorer.add(logits[0].argmax(0).numpy().astype(np.uint8), s.boxes)
+            scorer.add(logits[0].argmax(0).numpy().astype(np.uint8), boxes)
     out = {k: v / max(1, len(samples)) for k, v in sums.items()}
     if has_boxes:
-        out.update({f"{name}_f1": stats["f1"] for name, stats in scorer.summary().items()})
+        for name, stats in scorer.summary().items():
+            out.update({f"{name}_f1": stats["f1"], f"{name}_p": stats["px_precision"], f"{name}_r": stats["box_recall"],
+                        f"{name}_f": stats["f"]})
+        out["mean_f"] = scorer.mean_f()
     return out
+
+
+def label_boxes(target: np.ndarray | None, num_classes: int) -> list | None:
+    """Boxes of the connected regions of each class of a pixel-label target (for the judge on pixel-label data)."""
+    if target is None:
+        return None
+    return [(c - 1, *box) for c in range(1, num_classes) for box in regions_to_boxes(target, c)]
