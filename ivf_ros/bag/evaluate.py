@@ -251,7 +251,8 @@ def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = Non
                     + out_names, "not_copied": skipped},
     }
     if scorer is not None:
-        report["segmentation"] = {"boxes": str(boxes_dir), "box_files_found": box_files, "classes": scorer.summary()}
+        report["segmentation"] = {"boxes": str(boxes_dir), "box_files_found": box_files, "classes": scorer.summary(),
+                                  "mean_f": scorer.mean_f()}
     _write_pictures(out, report, pipeline_ms, total_ms, per_frame, metric_names, sheet_rows, sheet_labels)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=json_default) + "\n")
     (out / "report.md").write_text(report_markdown(report))
@@ -369,6 +370,8 @@ def report_markdown(report: dict) -> str:
         for name, v in classes.items():
             if isinstance(v, dict):
                 lines.append(f"| {name} | " + " | ".join(_fmt(v.get(k)) for k in keys) + " |")
+        if "mean_f" in seg:
+            lines += ["", f"Judge mean F (px_precision / box_recall / f per class above): {_fmt(seg['mean_f'])}"]
     outputs = report["outputs"]
     lines += ["", "## Outputs", "", f"- bag: `{outputs['bag']}` ({outputs['storage']}), topics: "
               + ", ".join(f"`{t}`" for t in outputs["topics"])]
