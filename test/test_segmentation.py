@@ -262,3 +262,19 @@ def test_finetune_command_on_generated_label_images(tmp_path):
     assert [r["step"] for r in log] == [0, 4] and "person_f" in log[0]  # judged on boxes of the label regions
     model, meta = load_checkpoint(out / "best.safetensors")
     assert meta["training"]["freeze_fusion"] is True and "msrs layout" in meta["training"]["segmentation_targets"]
+
+
+def test_calibration_offsets_raise_the_judge_on_the_given_pairs():
+    from training.calibrate import calibrate
+
+    model = FusionStudent(width=8, seg_width=8).eval()
+    with torch.no_grad():
+        model.seg_head.weight.zero_()
+        model.seg_head.bias.copy_(torch.tensor([0.6, 0.0, -5.0, -5.0]))  # background everywhere, person close
+    rng = np.random.default_rng(5)
+    samples = [Sample(str(i), rng.integers(0, 256, (64, 64), dtype=np.uint8),
+                      rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), None, [(0, 0, 0, 64, 40)])
+               for i in range(2)]
+    bias, before, after = calibrate(model, samples, CLASSES, rounds=1)
+    assert before == 0.0 and after > 1.0  # person labelled everywhere: precision 40/64, recall 1
+    assert bias[1] > 0.6 and bias[0] == 0.0

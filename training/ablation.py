@@ -102,7 +102,7 @@ def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: 
                 out, logits = e(description_key(dataset, s.stem), s, ir[None], vis_y[None])
                 fused[e.name] = np.round(out[0, 0].numpy() * 255.0)
                 if s.boxes is not None:
-                    scorers[e.name].add(logits[0].argmax(0).numpy().astype(np.uint8), s.boxes)
+                    scorers[e.name].add(logits[0].numpy().argmax(0).astype(np.uint8), s.boxes)
             for name, f in fused.items():
                 for k, v in fusion_metrics(ir_g, vis_g, f, METRICS).items():
                     sums[name][k] += v

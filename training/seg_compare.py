@@ -39,7 +39,7 @@ def compare(checkpoints: dict[str, str], split: str = "val", teacher: bool = Tru
     if teacher:
         mfnet, lut = load_mfnet(), class_map(CLASSES)
         methods["MFNet teacher"] = lambda ir, vis: torch.einsum("cj,jhw->chw", lut, teacher_logits(mfnet, ir, vis)
-                                                                .softmax(0)).argmax(0).numpy().astype(np.uint8)
+                                                                .softmax(0)).numpy().argmax(0).astype(np.uint8)
     methods["hottest 3% IR = person"] = lambda ir, vis: hottest_ir(ir)
     scorers = {name: BoxScorer(CLASSES) for name in methods}
     times = {name: [] for name in methods}

@@ -30,7 +30,7 @@ from .datasets import CropDataset, TeacherCropDataset, attach_teacher, load_pair
 from .label_cache import cache_info
 from .label_rule import DEFAULT_RULE
 from .losses import fusion_loss, segmentation_loss, soft_segmentation_loss
-from .validate import validate
+from .validate import VALIDATION_METRICS, validate
 
 INPUT_CONVENTIONS = {
     "ir": "1 x H x W in [0, 1], registered to the visible frame",
@@ -173,9 +173,14 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
     bar = tqdm(total=tc["steps"], initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     batches = iter(loader)
 
+    fusion_at_start = {}  # with frozen fusion modules the fusion metrics of the first validation stay valid
+
     def validate_and_keep_best():
         nonlocal best
-        metrics = validate(model, val_samples, classes, progress=False)
+        metrics = validate(model, val_samples, classes, progress=False, fusion=not (frozen and fusion_at_start))
+        if frozen:
+            fusion_at_start.update({k: metrics[k] for k in VALIDATION_METRICS} if not fusion_at_start else {})
+            metrics = {**fusion_at_start, **metrics}
         metrics["score"] = selection_score(metrics)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")

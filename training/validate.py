@@ -13,9 +13,11 @@ VALIDATION_METRICS = ("EN", "VIF", "Qabf", "SSIM", "SCD")
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, samples: list[Sample], classes: list[str], progress: bool = True) -> dict:
+def validate(model: torch.nn.Module, samples: list[Sample], classes: list[str], progress: bool = True,
+             fusion: bool = True) -> dict:
     """Mean fusion metrics over ``samples`` and, where boxes exist, per class the region F1 (``<class>_f1``) and
-    the judge's pixel precision, box recall and F (``<class>_p``, ``<class>_r``, ``<class>_f``) and ``mean_f``."""
+    the judge's pixel precision, box recall and F (``<class>_p``, ``<class>_r``, ``<class>_f``) and ``mean_f``.
+    ``fusion=False`` skips the fusion metrics (when they cannot change)."""
     model.eval()
     sums = dict.fromkeys(VALIDATION_METRICS, 0.0)
     scorer = BoxScorer(classes)
@@ -23,15 +25,16 @@ def validate(model: torch.nn.Module, samples: list[Sample], classes: list[str], 
     for s in tqdm(samples, desc="validate", disable=not progress, leave=False):
         ir, vis_y, _ = to_tensors(s.ir, s.vis)
         fused, logits = model(ir[None], vis_y[None])
-        fused_gray = np.round(fused[0, 0].numpy() * 255.0)
-        values = fusion_metrics(s.ir.astype(np.float64), to_gray(s.vis), fused_gray, VALIDATION_METRICS)
-        for k in VALIDATION_METRICS:
-            sums[k] += values[k]
+        if fusion:
+            fused_gray = np.round(fused[0, 0].numpy() * 255.0)
+            values = fusion_metrics(s.ir.astype(np.float64), to_gray(s.vis), fused_gray, VALIDATION_METRICS)
+            for k in VALIDATION_METRICS:
+                sums[k] += values[k]
         boxes = s.boxes if s.boxes is not None else label_boxes(s.target, len(classes))
         if boxes is not None:
             has_boxes = True
-            scorer.add(logits[0].argmax(0).numpy().astype(np.uint8), boxes)
-    out = {k: v / max(1, len(samples)) for k, v in sums.items()}
+            scorer.add(logits[0].numpy().argmax(0).astype(np.uint8), boxes)  # NumPy: torch argmax(0) is slow here
+    out = {k: v / max(1, len(samples)) for k, v in sums.items()} if fusion else {}
     if has_boxes:
         for name, stats in scorer.summary().items():
             out.update({f"{name}_f1": stats["f1"], f"{name}_p": stats["px_precision"], f"{name}_r": stats["box_recall"],
