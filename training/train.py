@@ -125,7 +125,8 @@ def seed_everything(seed: int) -> None:
 
 
 def selection_score(metrics: dict) -> float:
-    """One number to pick the best checkpoint: fusion quality (VIF, Qabf, SSIM, SCD) plus person F1."""
+    """One number to pick the best checkpoint: fusion quality (VIF, Qabf, SSIM, SCD) plus the judge's mean F +
+    person F where they were measured (older logs: the region person F1)."""
     seg = metrics["mean_f"] + metrics["person_f"] if "mean_f" in metrics else metrics.get("person_f1", 0.0)
     return metrics["VIF"] + metrics["Qabf"] + 0.5 * metrics["SSIM"] + 0.25 * metrics["SCD"] + seg
 
