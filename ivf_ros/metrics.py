@@ -335,16 +335,24 @@ class BoxScorer:
     boxes of the same class at IoU >= ``iou_threshold``. ``coverage`` is the mean, over ground-truth boxes, of
     the fraction of the box's pixels (pixel centres inside the box) labelled with the box's class.
     Undefined ratios (nothing predicted, no boxes) are reported as 0.
+
+    The judge (pixel precision, box recall, F): ``px_precision`` is the share of pixels labelled c lying inside a
+    box of class c grown by ``grow`` px; ``box_recall`` the share of c-boxes with at least ``hit_share`` of their
+    pixels labelled c; ``f`` their harmonic mean; ``false_ppm`` the pixels labelled c outside every grown c-box per
+    million pixels outside them. ``mean_f()`` is the mean F over the classes (background left out).
     """
 
-    def __init__(self, classes: list[str], min_area: int = 20, iou_threshold: float = 0.5):
+    def __init__(self, classes: list[str], min_area: int = 20, iou_threshold: float = 0.5, grow: int = 4,
+                 hit_share: float = 0.2):
         if len(classes) < 2:
             raise ValueError("BoxScorer needs the background and at least one class")
         self.classes = list(classes)
         self.min_area = min_area
         self.iou_threshold = iou_threshold
+        self.grow, self.hit_share = grow, hit_share
         self._coverage = [[] for _ in self.classes]
         self.per_image: list[np.ndarray] = []  # per added image: classes x (tp, fp, fn)
+        self.judge_counts = np.zeros((len(self.classes), 5), np.int64)  # labelled, inside, hit, boxes, outside
 
     def add(self, labels: np.ndarray, boxes) -> None:
         """One image: ``labels`` (H x W class ids) and its boxes [(yolo_class, x0, y0, x1, y1)] in pixels."""
@@ -362,7 +370,13 @@ class BoxScorer:
             predicted = regions_to_boxes(labels, class_id, self.min_area)
             tp = match_boxes(predicted, truth[class_id], self.iou_threshold)
             counts[class_id] = tp, len(predicted) - tp, len(truth[class_id]) - tp
-            self._coverage[class_id] += [_box_coverage(labels, class_id, box) for box in truth[class_id]]
+            coverage = [_box_coverage(labels, class_id, box) for box in truth[class_id]]
+            self._coverage[class_id] += coverage
+            mine = labels == class_id
+            inside = _box_union(labels.shape, truth[class_id], self.grow)
+            self.judge_counts[class_id] += (int(mine.sum()), int((mine & inside).sum()),
+                                            sum(c >= self.hit_share for c in coverage), len(coverage),
+                                            int(inside.size - inside.sum()))
         self.per_image.append(counts)
 
     def summary(self) -> dict[str, dict]:
@@ -381,8 +395,19 @@ class BoxScorer:
                 "recall": recall,
                 "f1": _ratio(2 * precision * recall, precision + recall),
                 "coverage": float(np.mean(coverage)) if coverage else 0.0,
+                **self._judge(class_id),
             }
         return result
+
+    def _judge(self, class_id: int) -> dict:
+        labelled, inside, hit, boxes, outside = (int(v) for v in self.judge_counts[class_id])
+        precision, recall = _ratio(inside, labelled), _ratio(hit, boxes)
+        return {"px_precision": precision, "box_recall": recall, "f": _ratio(2 * precision * recall, precision + recall),
+                "false_ppm": 1e6 * _ratio(labelled - inside, outside)}
+
+    def mean_f(self) -> float:
+        """Mean judge F over the classes (background left out)."""
+        return float(np.mean([self._judge(c)["f"] for c in range(1, len(self.classes))]))
 
 
 def f1_interval(scorer: BoxScorer, name: str, reference: BoxScorer | None = None, resamples: int = 2000,
@@ -404,6 +429,16 @@ def f1_interval(scorer: BoxScorer, name: str, reference: BoxScorer | None = None
     values = f1(counts[picks]) - (f1(ref[picks]) if reference is not None else 0.0)
     lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
+
+
+def _box_union(shape: tuple[int, int], boxes: list[Box], grow: int) -> np.ndarray:
+    """Mask of the pixels whose centres lie inside any of ``boxes`` grown by ``grow`` px on every side."""
+    h, w = shape
+    mask = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in boxes:
+        c0, r0, c1, r1 = (int(math.floor(v + 0.5)) for v in (x0 - grow, y0 - grow, x1 + grow, y1 + grow))
+        mask[max(r0, 0) : min(r1, h), max(c0, 0) : min(c1, w)] = True
+    return mask
 
 
 def _box_coverage(labels: np.ndarray, class_id: int, box: Box) -> float:

@@ -29,6 +29,17 @@ def display_bgr(img: np.ndarray, stretch: bool = False) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3])
 
 
+def draw_boxes(img: np.ndarray, boxes, palette: Sequence[Sequence[int]], thickness: int = 2) -> np.ndarray:
+    """A BGR copy of ``img`` with the ground-truth boxes [(yolo_class, x0, y0, x1, y1)] outlined in the colour of
+    their label (``palette``: RGB per label id; YOLO class c is label c + 1)."""
+    out = display_bgr(img).copy()
+    for c, x0, y0, x1, y1 in boxes:
+        r, g, b = palette[int(c) + 1] if int(c) + 1 < len(palette) else (255, 255, 255)
+        cv2.rectangle(out, (int(round(x0)), int(round(y0))), (int(round(x1)) - 1, int(round(y1)) - 1),
+                      (int(b), int(g), int(r)), thickness)
+    return out
+
+
 def _text(canvas: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.45) -> None:
     cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
     cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)

@@ -149,7 +149,8 @@ def test_perfect_match():
     s = _score(_labels((1, 20, 10, 40, 30), (3, 50, 40, 70, 55)), [(PERSON, 20, 10, 40, 30), (CAR, 50, 40, 70, 55)])
     assert set(s) == {"person", "bicycle", "car"}
     for name in ("person", "car"):
-        assert s[name] == {"tp": 1, "fp": 0, "fn": 0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "coverage": 1.0}
+        assert s[name] == {"tp": 1, "fp": 0, "fn": 0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "coverage": 1.0,
+                           "px_precision": 1.0, "box_recall": 1.0, "f": 1.0, "false_ppm": 0.0}
     assert s["bicycle"]["tp"] == s["bicycle"]["fp"] == s["bicycle"]["fn"] == 0
 
 
@@ -195,6 +196,40 @@ def test_scores_accumulate_over_images():
     s = scorer.summary()["person"]
     assert (s["tp"], s["fn"]) == (1, 1)
     assert s["coverage"] == pytest.approx(0.5)
+
+
+def test_judge_precision_counts_pixels_inside_grown_boxes():
+    # 20x20 person box; the labelled 30x20 region overlaps the box grown by 4 px in 24x20 pixels
+    s = _score(_labels((1, 20, 10, 50, 30)), [(PERSON, 20, 10, 40, 30)])["person"]
+    assert s["px_precision"] == pytest.approx(24 * 20 / (30 * 20))
+    assert s["box_recall"] == 1.0
+    assert s["f"] == pytest.approx(2 * 0.8 / 1.8)
+    outside = 60 * 80 - 28 * 28  # pixels outside the grown box
+    assert s["false_ppm"] == pytest.approx(1e6 * 6 * 20 / outside)
+
+
+def test_judge_recall_needs_a_fifth_of_the_box():
+    boxes = [(CAR, 0, 0, 10, 10), (CAR, 40, 20, 50, 30)]
+    # first box 20% labelled (a hit), second 19% (a miss)
+    labels = _labels((3, 0, 0, 10, 2), shape=(60, 80))
+    labels[20:21, 40:50] = 3
+    labels[21, 40:49] = 3
+    s = _score(labels, boxes)["car"]
+    assert s["box_recall"] == 0.5
+    assert s["px_precision"] == 1.0 and s["false_ppm"] == 0.0
+
+
+def test_judge_other_class_inside_a_box_is_false_area_and_mean_f():
+    scorer = BoxScorer(CLASSES)
+    scorer.add(_labels((3, 20, 10, 40, 30)), [(PERSON, 20, 10, 40, 30), (CAR, 60, 40, 70, 50)])
+    s = scorer.summary()
+    assert s["person"]["f"] == 0.0 and s["person"]["box_recall"] == 0.0
+    assert s["car"]["px_precision"] == 0.0 and s["car"]["box_recall"] == 0.0
+    assert s["car"]["false_ppm"] == pytest.approx(1e6 * 400 / (60 * 80 - 18 * 18))
+    scorer.add(_labels((1, 20, 10, 40, 30)), [(PERSON, 20, 10, 40, 30)])  # accumulates: person 1 of 2 boxes
+    s = scorer.summary()
+    assert s["person"]["box_recall"] == 0.5 and s["person"]["px_precision"] == 1.0
+    assert scorer.mean_f() == pytest.approx((2 * 0.5 / 1.5 + 0 + 0) / 3)
 
 
 def test_regions_to_boxes_uses_8_connectivity_and_min_area():

@@ -102,7 +102,7 @@ def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: 
                 out, logits = e(description_key(dataset, s.stem), s, ir[None], vis_y[None])
                 fused[e.name] = np.round(out[0, 0].numpy() * 255.0)
                 if s.boxes is not None:
-                    scorers[e.name].add(logits[0].argmax(0).numpy().astype(np.uint8), s.boxes)
+                    scorers[e.name].add(logits[0].numpy().argmax(0).astype(np.uint8), s.boxes)
             for name, f in fused.items():
                 for k, v in fusion_metrics(ir_g, vis_g, f, METRICS).items():
                     sums[name][k] += v
@@ -110,8 +110,10 @@ def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: 
         if has_boxes:
             first = scorers[entries[0].name]
             for name, scorer in scorers.items():
-                rows[name].update(person_f1=scorer.summary()["person"]["f1"],
-                                  person_f1_interval=f1_interval(scorer, "person"))
+                summary = scorer.summary()
+                rows[name].update(person_f1=summary["person"]["f1"], person_f1_interval=f1_interval(scorer, "person"),
+                                  judge={c: {k: summary[c][k] for k in ("px_precision", "box_recall", "f")}
+                                         for c in CLASSES[1:]}, mean_f=scorer.mean_f())
                 if scorer is not first:
                     rows[name]["person_f1_minus_first"] = f1_interval(scorer, "person", reference=first)
         results[dataset] = {"pairs": len(samples), "rows": rows}
@@ -134,6 +136,14 @@ def markdown(results: dict, entries: list[Entry], timings: dict[str, float], thr
                   if "person_f1" in row else "-")
             lines.append(f"| {name} | {kind} | {params} | {ms} | " + " | ".join(f"{row[k]:.3f}" for k in METRICS)
                          + f" | {f1} |")
+        judged = [(name, row) for name, row in res["rows"].items() if "judge" in row]
+        if judged:
+            lines += ["", "Judge (pixel precision / box recall / F per class, mean F):", "",
+                      "| model | " + " | ".join(CLASSES[1:]) + " | mean F |", "| --- |" + " ---: |" * len(CLASSES)]
+            for name, row in judged:
+                lines.append(f"| {name} | " + " | ".join(
+                    "{px_precision:.3f} / {box_recall:.3f} / {f:.3f}".format(**row["judge"][c]) for c in CLASSES[1:])
+                    + f" | {row['mean_f']:.3f} |")
         paired = [f"{name} [{row['person_f1_minus_first'][0]:+.3f}, {row['person_f1_minus_first'][1]:+.3f}]"
                   for name, row in res["rows"].items() if "person_f1_minus_first" in row]
         if paired:

@@ -47,6 +47,9 @@ class Sample:
     vis: np.ndarray
     target: np.ndarray | None
     boxes: list | None = None
+    soft: np.ndarray | None = None  # teacher soft targets C x H/scale x W/scale (float16), see attach_teacher
+    weight: np.ndarray | None = None  # their per-pixel loss weight (float16), 0 = no loss
+    scale: int = 1
 
 
 def box_mask(shape: tuple[int, int], boxes, band: float = 0.1) -> np.ndarray:
@@ -159,7 +162,8 @@ class CropDataset(Dataset):
 
 
 def random_window(s: Sample, crop: int, rng: np.random.Generator) -> tuple[tuple[slice, slice], bool]:
-    """A random crop window (half of the time centred near an object of a labelled pair) and a flip flag."""
+    """A random crop window (half of the time centred near an object of a labelled pair) and a flip flag.
+    With teacher targets the window starts on a multiple of their scale."""
     h, w = s.ir.shape[:2]
     y, x = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
     if s.target is not None and rng.random() < 0.5:
@@ -168,6 +172,7 @@ def random_window(s: Sample, crop: int, rng: np.random.Generator) -> tuple[tuple
             k = rng.integers(len(ys))
             y = int(np.clip(ys[k] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, h - crop))
             x = int(np.clip(xs[k] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, w - crop))
+    y, x = y - y % s.scale, x - x % s.scale
     return (slice(y, y + crop), slice(x, x + crop)), bool(rng.random() < 0.5)
 
 
@@ -179,3 +184,52 @@ def crop_sample(s: Sample, window: tuple[slice, slice], flip: bool):
     if flip:
         ir, vis, target = ir[:, ::-1], vis[:, ::-1], target[:, ::-1]
     return np.ascontiguousarray(ir), np.ascontiguousarray(vis), np.ascontiguousarray(target)
+
+
+def attach_teacher(samples: list[Sample], cache: str | Path, rule: dict) -> list[Sample]:
+    """Give each sample the cached teacher targets corrected by its boxes (``training.label_rule``, ``rule`` its
+    keyword arguments); the hard target becomes their argmax at full resolution (IGNORE where the weight is 0)."""
+    from .label_cache import cache_info, read_cache
+    from .label_rule import box_consistent_target, rule_labels
+
+    scale = int(cache_info(cache)["scale"])
+    for s in samples:
+        probs = read_cache(cache, s.stem)
+        if probs is None:
+            raise FileNotFoundError(f"{cache}: no teacher targets for {s.stem} (run python -m training.label_cache)")
+        h, w = s.ir.shape[:2]
+        ir_small = cv2.resize(s.ir, (probs.shape[2], probs.shape[1]), interpolation=cv2.INTER_AREA)
+        soft, weight = box_consistent_target(probs, s.boxes, ir_small, scale, **rule)
+        s.target = cv2.resize(rule_labels(soft, weight), (w, h), interpolation=cv2.INTER_NEAREST)
+        s.soft, s.weight, s.scale = soft.astype(np.float16), weight.astype(np.float16), scale
+    return samples
+
+
+class TeacherCropDataset(CropDataset):
+    """Crops as ``CropDataset`` plus the teacher's soft targets and weights of the crop (zeros without them)."""
+
+    def __init__(self, samples: list[Sample], crop: int = 160, length: int = 2000, seed: int = 0,
+                 num_classes: int = 4, scale: int = 2):
+        super().__init__(samples, crop, length, seed)
+        if crop % scale:
+            raise ValueError(f"crop {crop} is not a multiple of the teacher targets' scale {scale}")
+        self.num_classes, self.scale = num_classes, scale
+
+    def __getitem__(self, index: int):
+        i, window, flip = self.draw(index)
+        s = self.samples[i]
+        ir, vis, target = crop_sample(s, window, flip)
+        ir_t, vis_y, ycrcb = to_tensors(ir, vis)
+        n = self.crop // self.scale
+        if s.soft is None:
+            soft, weight = np.zeros((self.num_classes, n, n), np.float32), np.zeros((n, n), np.float32)
+        else:
+            if s.scale != self.scale:
+                raise ValueError(f"{s.stem}: teacher targets at 1/{s.scale}, the dataset expects 1/{self.scale}")
+            small = tuple(slice(w.start // s.scale, w.start // s.scale + n) for w in window)
+            soft, weight = s.soft[(slice(None), *small)], s.weight[small]
+            if flip:
+                soft, weight = soft[..., ::-1], weight[..., ::-1]
+        return (ir_t, vis_y, ycrcb, torch.from_numpy(target).long(),
+                torch.from_numpy(np.ascontiguousarray(soft, np.float32)),
+                torch.from_numpy(np.ascontiguousarray(weight, np.float32)))

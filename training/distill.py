@@ -279,8 +279,7 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
         for _ in range(max(1, per_round)):
             (ir, vis_y, target, _), teacher_out, t_loss = (teacher_step if per_round else frozen_teacher_step)()
         student.train()
-        feats = student.features(ir, vis_y)
-        fused, logits = student.fuse_with(feats, ir, vis_y), student.segment_with(feats, ir.shape[-2:])
+        fused, logits, _, feats = student.forward_with_head(ir, vis_y)
         base = base_loss(fused, logits, ir, vis_y, target, wl, class_weights)
         terms = distill_terms((fused, logits, feats), teacher_out, projection, cfg["distill"], contrast_rng)
         loss = base + terms["total"]

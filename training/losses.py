@@ -88,3 +88,17 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_weights:
     if not (target != IGNORE).any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits, target, weight=class_weights, ignore_index=IGNORE)
+
+
+def soft_segmentation_loss(small_logits: torch.Tensor, soft: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted cross-entropy to soft targets (the teacher's corrected probabilities), at the head's resolution:
+    ``soft`` N x C x h x w and ``weight`` N x h x w are area-averaged down to the logits' size. Zero when no
+    pixel has weight."""
+    size = small_logits.shape[-2:]
+    if soft.shape[-2:] != size:
+        soft = F.adaptive_avg_pool2d(soft, size)
+        weight = F.adaptive_avg_pool2d(weight[:, None], size)[:, 0]
+    total = weight.sum()
+    if total <= 0:
+        return small_logits.sum() * 0.0
+    return -(weight * (soft * F.log_softmax(small_logits, dim=1)).sum(1)).sum() / total

@@ -27,9 +27,11 @@ from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.data import data_root, msrs_split
 from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
 
-from .datasets import CropDataset, load_pairs
-from .losses import fusion_loss, segmentation_loss
-from .validate import validate
+from .datasets import CropDataset, TeacherCropDataset, attach_teacher, load_pairs
+from .label_cache import cache_info
+from .label_rule import DEFAULT_RULE
+from .losses import fusion_loss, segmentation_loss, soft_segmentation_loss
+from .validate import VALIDATION_METRICS, validate
 
 INPUT_CONVENTIONS = {
     "ir": "1 x H x W in [0, 1], registered to the visible frame",
@@ -52,8 +54,9 @@ def resolve_root(root: str) -> Path:
     return p if p.is_absolute() or p.exists() else data_root() / root
 
 
-def load_split(entry: dict, classes: list[str]):
-    """Samples of one data entry: {root, layout, split: all|train|val}."""
+def load_split(entry: dict, classes: list[str], rule: dict | None = None):
+    """Samples of one data entry: {root, layout, split: all|train|val, limit, teacher_cache}; with
+    ``teacher_cache`` (a ``training.label_cache`` folder) the teacher's targets corrected by ``rule``."""
     root = resolve_root(entry["root"])
     samples = load_pairs(root, entry.get("layout", "pairs"), classes)
     split = entry.get("split", "all")
@@ -63,7 +66,44 @@ def load_split(entry: dict, classes: list[str]):
         samples = [s for s in samples if s.stem in keep]
     if entry.get("limit"):
         samples = samples[: int(entry["limit"])]
+    if entry.get("teacher_cache"):
+        attach_teacher(samples, resolve_repo_path(entry["teacher_cache"]), {**DEFAULT_RULE, **(rule or {})})
     return samples
+
+
+# The modules the fusion output depends on; ``freeze_fusion`` keeps them (and their BatchNorm statistics) fixed.
+FUSION_MODULES = ("stem", "enc4", "enc8", "enc16", "reduce16", "dec8", "dec4", "coeff_head")
+
+
+def init_from(model: torch.nn.Module, path: Path) -> list[str]:
+    """Load the tensors of a checkpoint whose names and shapes match ``model``; returns the names left as
+    initialised (e.g. a new segmentation head on a fusion student)."""
+    source = load_checkpoint(path)[0].state_dict()
+    own = model.state_dict()
+    same = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(same, strict=False)
+    return sorted(set(own) - set(same))
+
+
+def freeze(model: torch.nn.Module, names=FUSION_MODULES) -> None:
+    """No gradients and eval-mode BatchNorm for the named sub-modules (call again after ``model.train()``)."""
+    for name in names:
+        module = getattr(model, name)
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def teacher_of(cfg: dict) -> dict | None:
+    """The teacher and label rule behind a config's teacher-label entries, for the checkpoint metadata."""
+    caches = [e["teacher_cache"] for e in cfg["data"] if e.get("teacher_cache")]
+    if not caches:
+        return None
+    return {"teacher": cache_info(resolve_repo_path(caches[0]))["teacher"], "caches": caches,
+            "label_rule": {**DEFAULT_RULE, **cfg.get("label_rule", {})},
+            "label_rule_doc": "training/label_rule.py: teacher pixels > margin px from every box of their class "
+                              "-> background; boxes the teacher covers < fill_below filled per class (hot = IR "
+                              "foreground, rect = box minus a border band), the rest of such a box ignored"}
 
 
 def resolve_repo_path(path: str) -> Path:
@@ -86,9 +126,10 @@ def seed_everything(seed: int) -> None:
 
 
 def selection_score(metrics: dict) -> float:
-    """One number to pick the best checkpoint: fusion quality (VIF, Qabf, SSIM, SCD) plus person F1."""
-    return (metrics["VIF"] + metrics["Qabf"] + 0.5 * metrics["SSIM"] + 0.25 * metrics["SCD"]
-            + metrics.get("person_f1", 0.0))
+    """One number to pick the best checkpoint: fusion quality (VIF, Qabf, SSIM, SCD) plus the judge's mean F +
+    person F where they were measured (older logs: the region person F1)."""
+    seg = metrics["mean_f"] + metrics["person_f"] if "mean_f" in metrics else metrics.get("person_f1", 0.0)
+    return metrics["VIF"] + metrics["Qabf"] + 0.5 * metrics["SSIM"] + 0.25 * metrics["SCD"] + seg
 
 
 def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> dict:
@@ -97,16 +138,30 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
     torch.set_num_threads(int(cfg["train"].get("threads", torch.get_num_threads())))
     out.mkdir(parents=True, exist_ok=True)
     classes, tc, wl = cfg["classes"], cfg["train"], cfg["loss"]
-    sets = [CropDataset(load_split(e, classes), tc["crop"], tc["steps"] * tc["batch"], seed=i + cfg.get("seed", 0))
-            for i, e in enumerate(cfg["data"])]
+    teacher = teacher_of(cfg)
+    scale = int(cache_info(resolve_repo_path(teacher["caches"][0]))["scale"]) if teacher else 1
+
+    def crops(i, entry):
+        samples = load_split(entry, classes, cfg.get("label_rule"))
+        if teacher:
+            return TeacherCropDataset(samples, tc["crop"], tc["steps"] * tc["batch"], i + cfg.get("seed", 0),
+                                      len(classes), scale)
+        return CropDataset(samples, tc["crop"], tc["steps"] * tc["batch"], seed=i + cfg.get("seed", 0))
+
+    sets = [crops(i, e) for i, e in enumerate(cfg["data"])]
     val_samples = load_split(cfg["val"], classes)
     loader = DataLoader(ConcatDataset(sets), batch_size=tc["batch"], shuffle=True, drop_last=True,
                         num_workers=int(tc.get("workers", 0)),
                         generator=torch.Generator().manual_seed(int(cfg.get("seed", 0))))
     model = build_model(ARCHITECTURE, {"num_classes": len(classes), **cfg["model"]})
-    if cfg.get("init"):  # fine-tune from a checkpoint of the same architecture
-        model.load_state_dict(load_checkpoint(resolve_repo_path(cfg["init"]))[0].state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc.get("weight_decay", 1e-4))
+    if cfg.get("init"):  # fine-tune from a checkpoint of the same architecture (a new head starts fresh)
+        fresh = init_from(model, resolve_repo_path(cfg["init"]))
+        if fresh:
+            tqdm.write(f"init {cfg['init']}: {len(fresh)} tensors start fresh ({fresh[0]}, ...)")
+    frozen = FUSION_MODULES if cfg.get("freeze_fusion") else ()
+    freeze(model, frozen)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc["lr"],
+                            weight_decay=tc.get("weight_decay", 1e-4))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc["lr"], total_steps=tc["steps"], pct_start=0.1)
     class_weights = torch.tensor(wl["class_weights"], dtype=torch.float32) if wl.get("class_weights") else None
     step, best = 0, {"score": -1e9}
@@ -121,9 +176,14 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
     bar = tqdm(total=tc["steps"], initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     batches = iter(loader)
 
+    fusion_at_start = {}  # with frozen fusion modules the fusion metrics of the first validation stay valid
+
     def validate_and_keep_best():
         nonlocal best
-        metrics = validate(model, val_samples, classes, progress=False)
+        metrics = validate(model, val_samples, classes, progress=False, fusion=not (frozen and fusion_at_start))
+        if frozen:
+            fusion_at_start.update({k: metrics[k] for k in VALIDATION_METRICS} if not fusion_at_start else {})
+            metrics = {**fusion_at_start, **metrics}
         metrics["score"] = selection_score(metrics)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -132,20 +192,25 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
             best = {"step": step, **metrics}
             save_checkpoint(out / "best.safetensors", model, checkpoint_metadata(cfg, model, best))
         model.train()
+        freeze(model, frozen)
 
     if step == 0:
         validate_and_keep_best()  # the starting point (max fusion, untrained head) is the bar to beat
     model.train()
+    freeze(model, frozen)
     with open(out / "losses.jsonl", "a") as losses:
         while step < tc["steps"]:
             try:
-                ir, vis_y, _, target = next(batches)
+                ir, vis_y, _, target, *teacher_targets = next(batches)
             except StopIteration:
                 batches = iter(loader)
                 continue
-            fused, logits = model(ir, vis_y)
+            fused, logits, small, _ = model.forward_with_head(ir, vis_y)
             terms = fusion_loss(fused, ir, vis_y, wl)
             seg = segmentation_loss(logits, target, class_weights)
+            if teacher_targets:
+                terms["soft"] = soft_segmentation_loss(small, *teacher_targets)
+                terms["total"] = terms["total"] + wl.get("soft", 0.0) * terms["soft"]
             loss = terms["total"] + wl.get("segmentation", 0.0) * seg
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -193,6 +258,8 @@ def checkpoint_metadata(cfg: dict, model: torch.nn.Module, metrics: dict) -> dic
         "training": {
             "data": cfg["data"],
             "segmentation_targets": cfg.get("segmentation_targets", "box-derived masks (training/datasets.py)"),
+            "segmentation_teacher": teacher_of(cfg),
+            "freeze_fusion": bool(cfg.get("freeze_fusion", False)),
             "prior_source": cfg.get("prior_source", "none (trained directly, no teacher)"),
             "steps": cfg["train"]["steps"],
             "init": cfg.get("init"),

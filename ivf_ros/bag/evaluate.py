@@ -19,6 +19,7 @@ from ..data import read_yolo_boxes
 from ..imageops import gray_u8
 from ..metrics import FUSION_METRICS, TRIVIAL_FUSIONS, BoxScorer, fusion_metrics, to_gray
 from ..streams import IR, MAX_PIXELS, VIS, StreamCheck
+from ..viz import draw_boxes
 from .files import (IMAGE_TYPE, IR_ENCODINGS, STORAGES, VIS_ENCODINGS, BagError, check_first_encoding, copy_connection,
                     frame_names, image_message, image_topics, json_default, one_line, open_bag, output_topics,
                     percentiles, pick_topics, prepare_output, spread, storage_of, typestore)
@@ -160,14 +161,16 @@ def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = Non
                 writer.write(out_conns[name], done_ns, raw)
             if index % metrics_every == 0 and metric_names:
                 _add_metrics(per_frame, metric_names, result, vis.image)
+            boxes = []
             if scorer is not None:
                 name = names[vis.index] if names and vis.index < len(names) else f"{vis.index:06d}"
                 box_path = boxes_dir / f"{name}.txt"
                 box_files += box_path.is_file()
                 h, w = result.labels.shape
-                scorer.add(result.labels, read_yolo_boxes(box_path, w, h))
-            if index in sample_at:
-                sheet_rows.append(_thumbs(ir.image, vis.image, result.fused, overlay))
+                boxes = read_yolo_boxes(box_path, w, h)
+                scorer.add(result.labels, boxes)
+            if index in sample_at:  # the labels tile shows the ground-truth boxes too
+                sheet_rows.append(_thumbs(ir.image, vis.image, result.fused, draw_boxes(overlay, boxes, pipe.palette)))
                 sheet_labels.append(names[vis.index] if names and vis.index < len(names) else f"pair {index}")
 
         writer = Writer(out_bag, version=9,
@@ -258,7 +261,8 @@ def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = Non
                     + out_names, "not_copied": skipped},
     }
     if scorer is not None:
-        report["segmentation"] = {"boxes": str(boxes_dir), "box_files_found": box_files, "classes": scorer.summary()}
+        report["segmentation"] = {"boxes": str(boxes_dir), "box_files_found": box_files, "classes": scorer.summary(),
+                                  "mean_f": scorer.mean_f()}
     _write_pictures(out, report, pipeline_ms, total_ms, per_frame, metric_names, sheet_rows, sheet_labels)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=json_default) + "\n")
     (out / "report.md").write_text(report_markdown(report))
@@ -376,6 +380,8 @@ def report_markdown(report: dict) -> str:
         for name, v in classes.items():
             if isinstance(v, dict):
                 lines.append(f"| {name} | " + " | ".join(_fmt(v.get(k)) for k in keys) + " |")
+        if "mean_f" in seg:
+            lines += ["", f"Judge mean F (px_precision / box_recall / f per class above): {_fmt(seg['mean_f'])}"]
     outputs = report["outputs"]
     lines += ["", "## Outputs", "", f"- bag: `{outputs['bag']}` ({outputs['storage']}), topics: "
               + ", ".join(f"`{t}`" for t in outputs["topics"])]

@@ -1,7 +1,9 @@
 """Run the whole system on generated (or your) data: write a camera bag, evaluate it, write a report.
 
-Without --data a synthetic night street is rendered (16-bit IR at 30 Hz, visible at 25 Hz, with ground-truth
-boxes); with --data a folder holding ir/ and vi/ (and optionally boxes/) is used, e.g. ../shared/data/msrs.
+By default the embedded sample ``data/demo`` is used: twelve real MSRS validation pairs, day and night, with their
+boxes (see data/demo/ATTRIBUTION.md). --data takes any folder holding ir/ and vi/ (and optionally boxes/), e.g.
+../shared/data/msrs; --synthetic renders a night street instead (16-bit IR at 30 Hz, visible at 25 Hz, with
+ground-truth boxes), which exercises cameras at different rates.
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ from ..synthetic import NightStreet, render_sequence, yolo_lines
 from .bag import set_threads, summary_line
 
 VIS_FOLDERS = ("vi", "vis", "visible")
+DEMO_DATA = Path(__file__).resolve().parent.parent.parent / "data" / "demo"
 
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    p.add_argument("--data", help="folder with ir/ and vi/ image folders (and boxes/); default: synthetic scene")
-    p.add_argument("--frames", type=int, help="visible frames (synthetic, default 50) or pairs (--data, default 16)")
+    p.add_argument("--data", help="folder with ir/ and vi/ image folders (and boxes/); default: data/demo")
+    p.add_argument("--synthetic", action="store_true", help="render the synthetic night street instead")
+    p.add_argument("--frames", type=int, help="visible frames (synthetic, default 50) or pairs (default 16)")
     p.add_argument("--checkpoint", help="checkpoint (default: the shipped one)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--storage", choices=bag.STORAGES, default="mcap", help="bag storage (default mcap)")
@@ -62,9 +66,12 @@ def run(args) -> int:
         if ours.exists():
             shutil.rmtree(ours)
     out.mkdir(parents=True, exist_ok=True)
-    if args.data:
-        streams, names, boxes = data_streams(Path(args.data), args.frames or 16)
-        source = f"{args.data} ({len(names)} pairs)"
+    data = args.data or (None if args.synthetic else DEMO_DATA)
+    if args.data and args.synthetic:
+        raise ValueError("--data and --synthetic exclude each other")
+    if data:
+        streams, names, boxes = data_streams(Path(data), args.frames or 16)
+        source = f"{data} ({len(names)} pairs)"
     else:
         streams, names, boxes = synthetic_streams(out, args.frames or 50, args.seed)
         source = f"synthetic night street ({len(streams[0].stamps)} IR + {len(streams[1].stamps)} visible frames)"

@@ -61,6 +61,7 @@ def evaluate(args) -> dict:
     }
     if args.boxes:
         report["segmentation"] = scorer.summary()
+        report["segmentation_mean_f"] = scorer.mean_f()
     return report
 
 
@@ -76,6 +77,12 @@ def format_report(report: dict) -> str:
         for cls, s in report["segmentation"].items():
             lines.append(f"| {cls} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | "
                          f"{s['coverage']:.3f} | {s['tp']} | {s['fp']} | {s['fn']} |")
+        lines += ["", f"Judge (pixels inside boxes grown by 4 px, boxes >= 20% labelled): mean F "
+                  f"{report['segmentation_mean_f']:.3f}", "",
+                  "| class | pixel precision | box recall | F | false area per million |", "|---" * 5 + "|"]
+        for cls, s in report["segmentation"].items():
+            lines.append(f"| {cls} | {s['px_precision']:.3f} | {s['box_recall']:.3f} | {s['f']:.3f} | "
+                         f"{s['false_ppm']:.0f} |")
     return "\n".join(lines)
 
 
