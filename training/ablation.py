@@ -57,7 +57,8 @@ class Entry:
             self.model, meta = load_teacher(path)
             reads = CONDITIONING[meta["teacher"]]
             override = args.priors if reads == "priors" else args.descriptions
-            self.condition = make_condition(meta["teacher"], override or meta["conditioning"][reads], keyed)
+            self.condition = make_condition(meta["teacher"], override or meta["conditioning"][reads], keyed,
+                                            meta.get("condition_options"))
             self.kind = f"{meta['teacher']} teacher"
             self.source = self.condition.source
         else:
