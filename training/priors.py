@@ -353,7 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--feature-layer", default="decode3", help="mfnet: decoder unit whose output is stored")
     ap.add_argument("--feature-stride", type=int, default=16, help="mfnet: stored feature resolution 1/N")
     ap.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="sam: torch device "
+                    "(mfnet runs on the CPU)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
