@@ -1,4 +1,5 @@
-"""Distillation runs of a few steps (SAGE with cached priors, text with real MiniLM) and the ablation table."""
+"""Distillation runs of a few steps (every teacher on real MFNet priors, SAGE on classic priors, text with real
+MiniLM) and the ablation table."""
 import json
 
 import pytest
@@ -8,20 +9,23 @@ from safetensors.torch import load_file
 from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import data_root
 from ivf_ros.model import FusionStudent
-from training import ablation
+from training import ablation, priors
 from training.datasets import load_pairs
 from training.distill import distill, load_distill_config, semantic_contrast
+from training.mfnet import teacher_dir
 from training.priors import ClassicPriors, PriorCache
 from training.teachers import load_teacher
 
 torch.set_num_threads(1)
 MSRS = data_root() / "msrs"
-needs_data = pytest.mark.skipif(not MSRS.is_dir(), reason=f"shared data not found at {MSRS} (set IVF_DATA)")
+MFNET = teacher_dir() / "mfnet_rgbt_9class.safetensors"
+needs_data = pytest.mark.skipif(not (MSRS.is_dir() and MFNET.is_file()),
+                                reason=f"shared data or MFNet weights not found at {MSRS}, {MFNET} (set IVF_DATA)")
 
 
 @pytest.fixture(scope="module")
 def tiny_msrs(tmp_path_factory):
-    """Four real MSRS pairs (links) in a folder named msrs, and their classic prior cache."""
+    """Four real MSRS pairs (links) in a folder named msrs, and their classic and mfnet prior caches."""
     root = tmp_path_factory.mktemp("data")
     stems = sorted(p.stem for p in (MSRS / "ir").iterdir())[:4]
     for sub, ext in (("ir", ".png"), ("vi", ".png"), ("boxes", ".txt")):
@@ -29,18 +33,21 @@ def tiny_msrs(tmp_path_factory):
         for s in stems:
             if (MSRS / sub / (s + ext)).exists():
                 (root / "msrs" / sub / (s + ext)).symlink_to(MSRS / sub / (s + ext))
-    PriorCache(root / "priors").build("msrs", load_pairs(root / "msrs"), ClassicPriors(),
+    samples = load_pairs(root / "msrs")
+    PriorCache(root / "priors").build("msrs", samples, ClassicPriors(),
                                       {"source": "classic", "description": "test priors"}, progress=False)
+    assert priors.main(["--out", str(root / "mfnet"), "--data", str(root / "msrs"), "--source", "mfnet"]) == 0
     return root
 
 
-def tiny_config(name: str, root, steps: int) -> dict:
+def tiny_config(name: str, root, steps: int, cache: str = "mfnet") -> dict:
     cfg = load_distill_config(f"training/configs/distill_{name}.yaml")
     cfg.pop("init")  # a fresh student of the tiny width, not the trained one
     cfg["data"] = [{"root": str(root / "msrs"), "layout": "pairs"}]
     cfg["val"] = {"root": str(root / "msrs"), "layout": "pairs", "limit": 1}
-    cfg["priors"] = str(root / "priors")
-    cfg["text"] = {"descriptions": str(root / "descriptions.json")}
+    cfg["priors"] = str(root / cache)
+    cfg["text"] = {"descriptions": str(root / f"descriptions_{cache}.json"),
+                   "mfnet_priors": str(root / "mfnet") if cache == "mfnet" else None}
     cfg["teacher"].update(warmup=2, hyper_parameters={**cfg["teacher"]["hyper_parameters"], "width": 8})
     cfg["model"] = {"width": 8}
     cfg["train"].update(steps=steps, batch=2, crop=64, val_every=1000, threads=1, device="cpu")
@@ -59,33 +66,60 @@ def text_run(tiny_msrs):
     return out, distill(tiny_config("text", tiny_msrs, 3), out, progress=False)
 
 
+def assert_names_teacher_and_priors(out, teacher: str, source: str) -> dict:
+    """The student checkpoints and the teacher file of a run name its teacher and prior source; returns the
+    teacher metadata of the best student."""
+    for name in ("best", "final"):
+        _, meta = load_checkpoint(out / f"{name}.safetensors")
+        assert meta["training"]["prior_source"] == source
+        assert meta["training"]["teacher"]["name"] == teacher and meta["training"]["teacher"]["prior_source"] == source
+    _, tmeta = load_teacher(out / "teacher.safetensors")
+    assert tmeta["teacher"] == teacher and tmeta["prior_source"] == source
+    return load_checkpoint(out / "best.safetensors")[1]["training"]["teacher"]
+
+
 @needs_data
-def test_sage_distillation_lowers_its_loss_and_writes_a_node_checkpoint(sage_run):
+def test_sage_distillation_on_mfnet_priors_lowers_its_loss_and_writes_a_node_checkpoint(sage_run):
     out, result = sage_run
     losses = [h["distill"] for h in result["history"]]
     assert len(losses) == 14
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
     student, meta = load_checkpoint(out / "best.safetensors")  # what the node loads
     assert isinstance(student, FusionStudent)
-    assert meta["training"]["prior_source"] == "classic: test priors"
+    teacher = assert_names_teacher_and_priors(out, "sage", "mfnet")
+    assert teacher["condition_options"] == {"inputs": ["semantic", "embeddings"]}
+    assert teacher["hyper_parameters"]["prior_channels"] == 13 and teacher["hyper_parameters"]["embedding_dim"] == 64
+    assert teacher["prior_description"].startswith("MFNet RGB-thermal segmenter")
     _, final_meta = load_checkpoint(out / "final.safetensors")  # the student after the last step
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert final_meta["validation"]["step"] == 14 == log[-1]["step"]
     assert meta["validation"]["step"] == max(log, key=lambda r: r["score"])["step"]  # best: the top validation score
-    assert meta["training"]["teacher"]["name"] == "sage"
-    teacher, tmeta = load_teacher(out / "teacher.safetensors")
-    assert tmeta["conditioning"]["priors"].endswith("priors") and tmeta["prior_source"].startswith("classic")
+    _, tmeta = load_teacher(out / "teacher.safetensors")
+    assert tmeta["conditioning"]["priors"].endswith("mfnet")
 
 
 @needs_data
-def test_text_distillation_uses_minilm_embeddings_of_written_descriptions(text_run, tiny_msrs):
+def test_sage_distillation_on_classic_priors_sees_regions_and_objects_only(tiny_msrs):
+    out = tiny_msrs / "sage_classic"
+    result = distill(tiny_config("sage", tiny_msrs, 2, cache="priors"), out, progress=False)
+    assert len(result["history"]) == 2
+    teacher = assert_names_teacher_and_priors(out, "sage", "classic")
+    assert teacher["condition_options"] == {"inputs": []} and teacher["hyper_parameters"]["prior_channels"] == 4
+    cfg = tiny_config("sage", tiny_msrs, 1, cache="priors")
+    cfg["prior_inputs"] = ["semantic"]
+    with pytest.raises(ValueError, match="offers none"):
+        distill(cfg, tiny_msrs / "sage_classic_semantic", progress=False)
+
+
+@needs_data
+def test_text_distillation_uses_minilm_embeddings_of_descriptions_with_mfnet_objects(text_run, tiny_msrs):
     out, result = text_run
     assert len(result["history"]) == 3 and all(torch.isfinite(torch.tensor(h["distill"])) for h in result["history"])
-    _, meta = load_checkpoint(out / "best.safetensors")
-    assert meta["training"]["teacher"]["name"] == "text"
-    assert "all-MiniLM-L6-v2" in meta["training"]["prior_source"]
-    table = json.loads((tiny_msrs / "descriptions.json").read_text())
+    teacher = assert_names_teacher_and_priors(out, "text", "mfnet")
+    assert "all-MiniLM-L6-v2" in teacher["prior_description"] and "MFNet sees" in teacher["prior_description"]
+    table = json.loads((tiny_msrs / "descriptions_mfnet.json").read_text())
     assert len(table) == 4 and all(k.startswith("msrs/") for k in table)
+    assert all("MFNet sees " in text for text in table.values())
 
 
 
@@ -135,12 +169,11 @@ def fusionsam_run(tiny_msrs):
 
 
 @needs_data
-def test_fusionsam_teacher_distils_with_logit_term(fusionsam_run, tiny_msrs):
-    _, result = fusionsam_run
-    assert all(h["segment"] > 0 for h in result["history"])
-    _, meta = load_checkpoint(tiny_msrs / "fusionsam" / "best.safetensors")
-    assert meta["training"]["teacher"]["name"] == "fusionsam"
-    assert load_teacher(tiny_msrs / "fusionsam" / "teacher.safetensors")[1]["teacher"] == "fusionsam"
+def test_fusionsam_teacher_on_mfnet_priors_distils_with_logit_term(fusionsam_run, tiny_msrs):
+    out, result = fusionsam_run
+    assert len(result["history"]) == 3 and all(h["segment"] > 0 for h in result["history"])
+    teacher = assert_names_teacher_and_priors(out, "fusionsam", "mfnet")
+    assert teacher["hyper_parameters"]["prior_channels"] == 13  # prompts from MFNet's object-class masks
 
 
 @needs_data

@@ -5,8 +5,11 @@ import torch
 
 from ivf_ros.data import data_root
 from training.datasets import Sample, load_pairs
-from training.teachers import FiLM, FusionSamTeacher, SageTeacher, TextTeacher, load_teacher, save_teacher
-from training.text_priors import describe, noise_sigma, shared_encoder, update_descriptions
+from training.mfnet import MFNET_CLASSES
+from training.priors import PriorCache
+from training.teachers import (OBJECT_CHANNELS, FiLM, FusionSamTeacher, SageTeacher, TextTeacher, load_teacher,
+                               object_prompts, save_teacher)
+from training.text_priors import describe, noise_sigma, seen_objects, shared_encoder, update_descriptions
 
 torch.set_num_threads(1)
 MSRS = data_root() / "msrs"
@@ -32,6 +35,56 @@ def test_sage_teacher_forward_backward_and_prior_matters():
         a = teacher.features(ir, vis, torch.zeros(1, 4, 64, 48))
         b = teacher.features(ir, vis, torch.ones(1, 4, 64, 48))
     assert (a - b).abs().max() > 1e-3
+
+
+def test_sage_teacher_reads_mfnet_class_masks_and_embeddings():
+    torch.manual_seed(0)
+    teacher = SageTeacher(width=8, heads=2, blocks=1, grid=4, prior_channels=13, embedding_dim=6)
+    _check_forward_backward(teacher, torch.rand(2, 19, 64, 48))
+    teacher.eval()
+    ir, vis, prior = torch.rand(1, 1, 64, 48), torch.rand(1, 1, 64, 48), torch.rand(1, 19, 64, 48)
+    other_masks, other_embeddings = prior.clone(), prior.clone()
+    other_masks[:, 4:13] = torch.rand(1, 9, 64, 48)
+    other_embeddings[:, 13:] = -4 * prior[:, 13:]
+    with torch.no_grad():
+        a = teacher.features(ir, vis, prior)
+        assert (a - teacher.features(ir, vis, other_masks)).abs().max() > 1e-3  # the class masks matter
+        assert (a - teacher.features(ir, vis, other_embeddings)).abs().max() > 1e-3  # so do the embeddings
+    with pytest.raises(ValueError, match="has 4 channels, the teacher takes 13 \\+ 6"):
+        teacher.features(ir, vis, prior[:, :4])
+
+
+def test_object_prompts_are_components_of_each_class():
+    masks = torch.zeros(1, 3, 40, 40)
+    masks[0, 0, 5:15, 5:10] = 1  # a person touching a car: two prompts, not one
+    masks[0, 2, 5:15, 10:30] = 1
+    masks[0, 0, 30:34, 30:32] = 1  # a small second person
+    boxes, points = object_prompts(masks, max_prompts=8)[0]
+    assert boxes.tolist() == [[10, 5, 30, 15], [5, 5, 10, 15], [30, 30, 32, 34]]  # largest first
+    assert points[0].tolist() == pytest.approx([19.5, 9.5])
+    assert len(object_prompts(masks, max_prompts=2)[0][0]) == 2
+    assert len(object_prompts(masks[:, :1].amax(1, keepdim=True) * 0, 8)[0][0]) == 0
+
+
+def test_fusionsam_teacher_prompts_from_mfnet_object_classes_and_embeddings():
+    torch.manual_seed(0)
+    teacher = FusionSamTeacher(width=8, codes=32, grid=8, sam_dim=32, prior_channels=13, embedding_dim=4)
+    assert OBJECT_CHANNELS == [4 + MFNET_CLASSES.index(c) for c in ("person", "bike", "car")]
+    prior = torch.zeros(2, 17, 64, 48)
+    prior[0, OBJECT_CHANNELS[0], 10:30, 5:20] = 1  # a person in the first image; nothing in the second
+    prior[:, 13:] = torch.rand(2, 4, 64, 48)
+    ir, vis = torch.rand(2, 1, 64, 48), torch.rand(2, 1, 64, 48)
+    with torch.no_grad():
+        plain = teacher.segment_with(teacher.features(ir, vis), (64, 48))
+        _, prompted, _ = teacher(ir, vis, prior)
+        moved = prior.clone()
+        moved[0, OBJECT_CHANNELS[0]] = 0
+        moved[0, OBJECT_CHANNELS[2], 40:60, 20:40] = 1  # a car elsewhere
+        _, reprompted, _ = teacher(ir, vis, moved)
+    assert torch.allclose(prompted[1], plain[1]) and not torch.allclose(prompted[0], plain[0])
+    assert not torch.allclose(prompted[0], reprompted[0])  # the MFNet masks are the prompts
+    with pytest.raises(ValueError, match="prior_channels 7"):
+        FusionSamTeacher(width=8, prior_channels=7)
 
 
 def test_fusionsam_teacher_prompts_sam_decoder_and_trains():
@@ -108,6 +161,25 @@ def test_descriptions_from_known_facts_keep_user_captions(tmp_path):
     table = update_descriptions(path, {"msrs": [dark, Sample("00043D", dark.ir, dark.vis, None, [])]})
     assert table["msrs/00042N"] == "a caption from a vision-language model"
     assert "daytime" in table["msrs/00043D"] and "No person" in table["msrs/00043D"]
+
+
+def test_descriptions_name_the_objects_mfnet_sees(tmp_path):
+    semantic = np.zeros((60, 60), np.uint8)
+    person, bike, car = (MFNET_CLASSES.index(c) for c in ("person", "bike", "car"))
+    semantic[2:12, 2:8] = semantic[20:30, 2:8] = person  # two people of 60 px
+    semantic[40:42, 40:42] = person  # 4 px: too small to count
+    semantic[40:50, 10:30] = car
+    assert seen_objects(semantic) == {"person": 2, "bicycle": 0, "car": 1}
+    night = Sample("00042N", np.full((60, 60), 40, np.uint8), np.full((60, 60, 3), 10, np.uint8), None, None)
+    text = describe(night, seen_objects(semantic))
+    assert "nighttime" in text and text.endswith("MFNet sees 2 people and a car.")
+    semantic[semantic == car] = bike
+    assert describe(night, seen_objects(semantic)).endswith("MFNet sees 2 people and a bicycle.")
+    assert describe(night, seen_objects(np.zeros_like(semantic))).endswith("MFNet sees no person, bicycle or car.")
+    cache = PriorCache(tmp_path / "classic")
+    cache.build("msrs", [], None, {"source": "classic", "description": "x"}, False)
+    with pytest.raises(ValueError, match="need an mfnet cache"):
+        update_descriptions(tmp_path / "d.json", {"msrs": [night]}, mfnet_priors=cache.root)
 
 
 def test_text_path_with_real_minilm():

