@@ -466,6 +466,150 @@ def structure_correlation(ir_reg: np.ndarray, vis: np.ndarray, valid: np.ndarray
     return float((x * y).sum() / (np.sqrt((x * x).sum() * (y * y).sum()) + 1e-12))
 
 
+# ----------------------------------------------------------------------------------------------- dense refinement
+
+def _resize_matrix(shape, small_shape) -> np.ndarray:
+    """Full-resolution px -> px of the image resized from ``shape`` to ``small_shape`` (cv2's pixel centres)."""
+    ax, ay = small_shape[1] / shape[1], small_shape[0] / shape[0]
+    return np.array([[ax, 0, (ax - 1) / 2], [0, ay, (ay - 1) / 2], [0, 0, 1.0]])
+
+
+def _fill_padding(gray: np.ndarray, mask: np.ndarray, sigma: float = 6.0) -> np.ndarray:
+    """Padding replaced by a blur of the nearby content, so its border is no edge in the structure maps."""
+    if mask.all():
+        return gray
+    m = mask.astype(np.float32)
+    num = cv2.GaussianBlur(gray * m, (0, 0), sigma)
+    den = cv2.GaussianBlur(m, (0, 0), sigma)
+    fill = np.where(den > 1e-3, num / np.maximum(den, 1e-3), float(gray[mask].mean()) if mask.any() else 0.0)
+    return np.where(mask, gray, fill).astype(np.float32)
+
+
+def _level_features(gray: np.ndarray, mask: np.ndarray, scale: float, sigma: float):
+    """Structure channels of ``gray`` resized by ``scale``, their valid mask, and the full px -> level px matrix."""
+    g = _resize(_fill_padding(gray, mask), scale)
+    m = _resize(mask.astype(np.float32), scale) > 0.99
+    m = cv2.erode(m.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    return structure_channels(g, sigma), m, _resize_matrix(gray.shape, g.shape)
+
+
+def _warp_basis(xn: np.ndarray, yn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """d(x', y')/d(delta) of the near-identity homography I + D(delta) at normalised points (8 parameters)."""
+    z, o = np.zeros_like(xn), np.ones_like(xn)
+    bx = np.stack([xn, yn, o, z, z, z, -xn * xn, -xn * yn], axis=-1)
+    by = np.stack([z, z, z, xn, yn, o, -xn * yn, -yn * yn], axis=-1)
+    return bx, by
+
+
+def _delta_matrix(d: np.ndarray) -> np.ndarray:
+    return np.array([[1 + d[0], d[1], d[2]], [d[3], 1 + d[4], d[5]], [d[6], d[7], 1.0]])
+
+
+@dataclass
+class DenseResult:
+    matrix: np.ndarray
+    correlation: float  # mean over pairs of the structure-map NCC over the overlap at the finest level
+    uncertainty_px: float  # predicted worst-case std of the mapping over the visible grid (full px)
+    uncertainty_mean_px: float
+    overlap: float  # share of the visible frame covered by valid IR content (mean over pairs)
+    iterations: int
+
+
+def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 400, 640), iters: int = 10,
+                 max_pixels: int = 80000) -> DenseResult:
+    """Refine the IR -> visible matrix on the whole frame: Gauss-Newton maximising the correlation of the structure
+    channels of the warped IR and the visible frames over their valid overlap (black padding masked), coarse to
+    fine; several pairs of one rig are pooled into one system. ``model`` affine keeps the last row fixed. Levels
+    larger than ``max_pixels`` use every second pixel in each direction."""
+    npar = 8 if model == "homography" else 6
+    vis_shape = pairs[0][1].shape[:2]
+    data = [(to_gray(ir), to_gray(vis)) for ir, vis in pairs]
+    masks = [(content_mask(gi), content_mask(gv)) for gi, gv in data]
+    H = np.asarray(H, np.float64) / H[2, 2]
+    stats = None
+    total = 0
+    for li, side in enumerate(sides):
+        a = min(1.0, side / max(vis_shape))
+        sigma = 1.5 if li == 0 else 1.0
+        s_h = math.sqrt(abs(np.linalg.det(H[:2, :2])))
+        k = min(1.0, a * s_h)
+        levels = []
+        for (gi, gv), (mi, mv) in zip(data, masks):
+            fv, vm, Sv = _level_features(gv, mv, a, sigma)
+            fi, im, Si = _level_features(gi, mi, k, sigma)
+            levels.append((fv, vm, fi, im.astype(np.uint8), Sv, Si))
+        hw, ww = levels[0][0].shape[:2]
+        stride = 2 if hw * ww > max_pixels else 1
+        Sv = levels[0][4]
+        half = 0.5 * max(hw, ww)
+        N = np.array([[1 / half, 0, -(ww - 1) / (2 * half)], [0, 1 / half, -(hw - 1) / (2 * half)], [0, 0, 1.0]])
+        ys, xs = np.mgrid[0:hw:stride, 0:ww:stride]
+        xn_all = (xs - (ww - 1) / 2) / half
+        yn_all = (ys - (hw - 1) / 2) / half
+        bx_all, by_all = _warp_basis(xn_all, yn_all)
+        Hw = [Sv @ H @ np.linalg.inv(Si) for *_, Si in levels]  # per pair: IR level px -> vis level px
+        last = li == len(sides) - 1
+        for it in range(iters):
+            A = np.zeros((npar, npar))
+            b = np.zeros(npar)
+            sse, cnt, corrs, cover = 0.0, 0, [], []
+            for (fv, vm, fi, im, _, _), Hp in zip(levels, Hw):
+                M = cv2.warpPerspective(fi, Hp, (ww, hw), flags=cv2.INTER_LINEAR)
+                valid = cv2.warpPerspective(im, Hp, (ww, hw), flags=cv2.INTER_NEAREST).astype(bool) & vm
+                valid = cv2.erode(valid.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)[::stride, ::stride]
+                cover.append(float(valid.mean()))
+                if valid.sum() < 200:
+                    continue
+                gx = cv2.Sobel(M, cv2.CV_32F, 1, 0, ksize=3)[::stride, ::stride] / 8.0
+                gy = cv2.Sobel(M, cv2.CV_32F, 0, 1, ksize=3)[::stride, ::stride] / 8.0
+                Ms, Fs = M[::stride, ::stride][valid], fv[::stride, ::stride][valid]
+                gx, gy = gx[valid], gy[valid]
+                bx, by = bx_all[valid][:, :npar], by_all[valid][:, :npar]
+                for c in range(M.shape[2]):
+                    m, f = Ms[:, c] - Ms[:, c].mean(), Fs[:, c] - Fs[:, c].mean()
+                    sm, sf = m.std() + 1e-6, f.std() + 1e-6
+                    m, f = m / sm, f / sf
+                    rho = max(float((m * f).mean()), 0.02)
+                    if c == 0:
+                        corrs.append(float((m * f).mean()))
+                    e = f - rho * m
+                    J = (rho * half / sm) * (gx[:, c, None] * bx + gy[:, c, None] * by)
+                    A += J.T @ J
+                    b += J.T @ e
+                    sse += float(e @ e)
+                    cnt += e.size
+            if cnt == 0:
+                raise CalibrationError("the estimated mapping leaves no overlap between the IR and visible frames")
+            try:
+                d = np.linalg.solve(A + 1e-6 * np.trace(A) / npar * np.eye(npar), b)
+            except np.linalg.LinAlgError:
+                break
+            dfull = np.zeros(8)
+            dfull[:npar] = d
+            E = np.linalg.inv(N) @ _delta_matrix(dfull) @ N
+            Einv = np.linalg.inv(E)
+            Hw = [Einv @ Hp for Hp in Hw]
+            total += 1
+            corners = np.array([[0, 0], [ww - 1, 0], [0, hw - 1], [ww - 1, hw - 1]], float)
+            step = float(np.abs(project(E, corners) - corners).max())
+            if step < 0.02:
+                break
+        H = np.linalg.inv(Sv) @ Hw[0] @ levels[0][5]
+        H /= H[2, 2]
+        if last:
+            # predicted std of the mapping: residual variance x (J^T J)^-1, per grid point (spatially correlated
+            # residuals make this optimistic by a roughly constant factor; the confidence is calibrated on it)
+            cov = (sse / max(cnt - npar, 1)) * np.linalg.pinv(A)
+            gy_, gx_ = np.mgrid[0:hw:max(1, hw // 12), 0:ww:max(1, ww // 12)]
+            px, py = _warp_basis((gx_.ravel() - (ww - 1) / 2) / half, (gy_.ravel() - (hw - 1) / 2) / half)
+            px, py = px[:, :npar], py[:, :npar]
+            var = (np.einsum("ni,ij,nj->n", px, cov, px) + np.einsum("ni,ij,nj->n", py, cov, py)) * half * half
+            std = np.sqrt(np.maximum(var, 0)) / a
+            stats = DenseResult(H, float(np.mean(corrs)) if corrs else 0.0, float(std.max()), float(std.mean()),
+                                float(np.mean(cover)), total)
+    return stats
+
+
 # ----------------------------------------------------------------------------------------------- auto calibration
 
 @dataclass
@@ -481,83 +625,59 @@ class AutoConfig:
     min_confidence: float = 0.35
     verify_patch: int = 41  # patch size (px at half the fine resolution) when verifying a coarse hypothesis
     verify_step: int = 14  # grid step of those patches
-    perspective_gain: float = 0.9  # keep perspective terms only if they cut the cross-validated error below this x affine
 
 
-def confidence_score(n_inliers: int, ratio: float, distinct: float) -> float:
-    """0..1: saturating in the inlier count (40), the inlier ratio and the coarse peak's distinctiveness."""
-    return float(min(1.0, n_inliers / 40.0) ** 0.5 * min(1.0, ratio / 0.6) * min(1.0, distinct / 8.0) ** 0.5)
+def confidence_score(info: dict) -> float:
+    """0..1 (provisional)."""
+    return float(min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
+                 * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5)
 
 
-def _refine(pairs, H: np.ndarray, cfg: AutoConfig, log, tag: str = "") -> tuple[np.ndarray, dict, float]:
-    """Patch matching + RANSAC rounds from ``H``: affine at half resolution (radius 12), then the requested model
-    at the fine resolution (radius 6, then 3). Returns (matrix, stats of the last round, support score)."""
+def _verify_start(pairs, H: np.ndarray, cfg: AutoConfig, log, tag: str = "") -> tuple[np.ndarray, dict, float]:
+    """Verify a coarse hypothesis: patch matching (radius 12, half the fine resolution) + RANSAC affine fit.
+    Returns (matrix, stats, support score = consistent matches x their share)."""
     vis_long = max(pairs[0][1].shape[:2])
-    side1, side2 = min(vis_long, cfg.fine_side // 2), min(vis_long, cfg.fine_side)
-    rounds = [(side1, 12, cfg.verify_step, 1.5, "affine"), (side2, 6, None, 1.5, cfg.model),
-              (side2, 3, None, 1.0, cfg.model)]
-    stats: dict = {}
-    support = 0.0
-    for k, (side, radius, step, sigma, model) in enumerate(rounds):
-        patch = cfg.verify_patch if k == 0 else 41
-        parts = [_match_patches(ir, vis, H, side, radius, patch=patch, step=step, min_ncc=0.2, sigma=sigma)
-                 for ir, vis in pairs]
-        src = np.vstack([p[0] for p in parts])
-        dst = np.vstack([p[1] for p in parts])
-        thr = cfg.ransac_px * vis_long / side  # in visible full-resolution px
-        need = cfg.min_inliers if k == 0 else 8
-        if len(src) < need:
-            log(f"{tag}round r={radius}: only {len(src)} patch matches")
-            if k == 0:
-                stats.update(matches=len(src), inliers=0, inlier_ratio=0.0)
-            break
-        try:
-            M, inl, rms = fit_points(src, dst, model, thr)
-        except CalibrationError as exc:
-            log(f"{tag}round r={radius}: {exc}")
-            if k == 0:
-                stats.update(matches=len(src), inliers=0, inlier_ratio=0.0)
-            break
-        n_in, ratio = int(inl.sum()), float(inl.mean())
-        chosen = model
-        if model == "homography" and n_in >= 12:
-            # the two perspective terms must earn their place: matches often cover only part of the frame
-            # (textured top, blank road below), and a homography then extrapolates wildly. Keep it only if it
-            # predicts held-out regions better than an affine map does (spatial cross-validation).
-            cv_h = _spatial_cv(src[inl], dst[inl], "homography")
-            cv_a = _spatial_cv(src[inl], dst[inl], "affine")
-            if not cv_h < cfg.perspective_gain * cv_a:
-                M, _, rms = fit_points(src[inl], dst[inl], "affine", None)
-                chosen = "affine"
-        log(f"{tag}round r={radius} side={side}: {len(src)} matches, {n_in} consistent ({ratio:.0%}), "
-            f"rms {rms:.2f} px ({chosen})")
-        if k > 0 and n_in < need:
-            break
-        H = M
-        stats.update(matches=len(src), inliers=n_in, inlier_ratio=ratio, residual_px=rms, rounds=k + 1,
-                     model=chosen)
-        support += n_in * ratio
-        if k == 0 and (n_in < cfg.min_inliers or ratio < cfg.min_inlier_ratio):
-            break
-    return H, stats, support
+    side = min(vis_long, cfg.fine_side // 2)
+    parts = [_match_patches(ir, vis, H, side, 12, patch=cfg.verify_patch, step=cfg.verify_step, min_ncc=0.2,
+                            sigma=1.5) for ir, vis in pairs]
+    src = np.vstack([p[0] for p in parts])
+    dst = np.vstack([p[1] for p in parts])
+    stats = {"matches": len(src), "inliers": 0, "inlier_ratio": 0.0}
+    if len(src) < cfg.min_inliers:
+        log(f"{tag}only {len(src)} patch matches")
+        return H, stats, 0.0
+    try:
+        M, inl, rms = fit_points(src, dst, "affine", cfg.ransac_px * vis_long / side)
+    except CalibrationError as exc:
+        log(f"{tag}{exc}")
+        return H, stats, 0.0
+    n_in, ratio = int(inl.sum()), float(inl.mean())
+    log(f"{tag}{len(src)} patch matches, {n_in} consistent ({ratio:.0%}), rms {rms:.2f} px (affine)")
+    stats.update(inliers=n_in, inlier_ratio=ratio, residual_px=rms)
+    return M, stats, n_in * ratio
 
 
-def _spatial_cv(src: np.ndarray, dst: np.ndarray, model: str) -> float:
-    """RMS error predicting each quadrant's (and each half's) matches from a fit to the others."""
-    cx, cy = np.median(src, axis=0)
-    folds = [(src[:, 0] < cx) & (src[:, 1] < cy), (src[:, 0] >= cx) & (src[:, 1] < cy),
-             (src[:, 0] < cx) & (src[:, 1] >= cy), (src[:, 0] >= cx) & (src[:, 1] >= cy),
-             src[:, 0] < cx, src[:, 0] >= cx, src[:, 1] < cy, src[:, 1] >= cy]
-    errs = []
-    for held in folds:
-        if held.sum() < 3 or (~held).sum() < 8:
-            continue
-        try:
-            M, _, _ = fit_points(src[~held], dst[~held], model, None)
-        except CalibrationError:
-            return float("inf")
-        errs.append(np.sum((project(M, src[held]) - dst[held]) ** 2, axis=1))
-    return float(np.sqrt(np.mean(np.concatenate(errs)))) if errs else float("inf")
+def verify_mapping(pairs, H: np.ndarray, side: int = 640, radius: int = 4, tol_px: float = 1.5,
+                   cells: int = 4) -> dict:
+    """Independent check of a mapping over the frame: patch matches (radius ``radius`` at ``side`` px) between the
+    registered IR and the visible frames; ``agree`` = share of them within ``tol_px`` (full px) of the mapping,
+    ``coverage`` = share of the ``cells`` x ``cells`` regions of the visible frame holding an agreeing match."""
+    hv, wv = pairs[0][1].shape[:2]
+    side = min(side, max(hv, wv))
+    src, dst = [], []
+    for ir, vis in pairs:
+        s, d, _ = _match_patches(ir, vis, H, side, radius, patch=41, min_ncc=0.2, sigma=1.0)
+        src.append(s)
+        dst.append(d)
+    src, dst = np.vstack(src), np.vstack(dst)
+    if len(src) == 0:
+        return {"verify_matches": 0, "agree": 0.0, "coverage": 0.0}
+    res = np.linalg.norm(project(H, src) - dst, axis=1)
+    ok = res <= tol_px * max(hv, wv) / side
+    cx = np.clip((dst[ok, 0] * cells / wv).astype(int), 0, cells - 1)
+    cy = np.clip((dst[ok, 1] * cells / hv).astype(int), 0, cells - 1)
+    return {"verify_matches": int(len(src)), "agree": float(ok.mean()),
+            "coverage": len(set(zip(cx.tolist(), cy.tolist()))) / cells ** 2}
 
 
 def _refuse(detail: str) -> CalibrationError:
@@ -599,7 +719,7 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
                 continue
             tag = f"pair {i} scale {cand.scale:.3f}: "
             log(f"{tag}coarse t=({cand.tx:.1f},{cand.ty:.1f}) ncc {cand.score:.3f} distinct {cand.distinct:.1f}")
-            H, stats, support = _refine([(ir, vis)], cand.matrix, cfg, log, tag)
+            H, stats, support = _verify_start([(ir, vis)], cand.matrix, cfg, log, tag)
             if best is None or support > best[0]:
                 best = (support, H, stats, cand)
     if best is None:
@@ -613,23 +733,28 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
     if stats.get("inliers", 0) < cfg.min_inliers or stats.get("inlier_ratio", 0.0) < cfg.min_inlier_ratio:
         raise _refuse(f"only {stats.get('inliers', 0)} of {stats.get('matches', 0)} patch matches agree on one "
                       f"mapping (need {cfg.min_inliers} and {cfg.min_inlier_ratio:.0%})")
-    if len(pairs) > 1:  # pool all pairs, starting from the best single-pair estimate
-        H2, stats2, _ = _refine(pairs, H, cfg, log, "all pairs: ")
-        if stats2.get("rounds", 0) >= stats.get("rounds", 0) and stats2.get("inliers", 0) >= cfg.min_inliers:
-            H, info = H2, {**info, **stats2}
-    if info.get("rounds", 0) < 2 and cfg.model == "homography":
-        log("only the affine round succeeded: the result is affine")
-    conf = confidence_score(info["inliers"], info["inlier_ratio"], info["coarse_distinct"])
+    # the whole frame, all pairs pooled: dense refinement of the full model from the verified affine start
+    H0 = H
+    dense = dense_refine(pairs, H0, cfg.model, sides=(cfg.coarse_side, cfg.fine_side // 2, cfg.fine_side))
+    H = dense.matrix
+    check = verify_mapping(pairs, H, cfg.fine_side)
+    hv, wv = vis_shape
+    gx, gy = np.meshgrid(np.linspace(0, wv - 1, 9), np.linspace(0, hv - 1, 7))
+    g = np.c_[gx.ravel(), gy.ravel()]
+    moved = float(np.linalg.norm(project(H @ np.linalg.inv(H0), g) - g, axis=1).max())
+    info.update(model=cfg.model, dense_correlation=dense.correlation, dense_uncertainty_px=dense.uncertainty_px,
+                overlap=dense.overlap, dense_iterations=dense.iterations, moved_px=moved, **check)
+    log(f"dense refinement ({dense.iterations} iterations): structure correlation {dense.correlation:.3f}, "
+        f"moved {moved:.1f} px from the patch fit; check: {check['agree']:.0%} of {check['verify_matches']} "
+        f"patches agree, coverage {check['coverage']:.0%}")
+    conf = confidence_score(info)
     info["confidence"] = conf
-    method = f"auto-{info.get('model', 'affine')}"
-    reg = Registration(H, (ir_shape[1], ir_shape[0]), (vis_shape[1], vis_shape[0]), method,
+    reg = Registration(H, (ir_shape[1], ir_shape[0]), (vis_shape[1], vis_shape[0]), f"auto-{cfg.model}",
                        round(float(info["residual_px"]), 4), confidence=round(conf, 4))
-    corr = [structure_correlation(reg.apply(to_gray(ir), vis.shape[:2]), vis,
-                                  _valid_mask(ir.shape, H, (vis.shape[1], vis.shape[0]))) for ir, vis in pairs]
-    info["structure_ncc"] = float(np.mean(corr))
     if conf < cfg.min_confidence:
         raise _refuse(f"{info['inliers']} consistent patch matches ({info['inlier_ratio']:.0%} of "
-                      f"{info['matches']}), confidence {conf:.2f} < {cfg.min_confidence:g}")
+                      f"{info['matches']}), {check['agree']:.0%} of the check patches agree over "
+                      f"{check['coverage']:.0%} of the frame: confidence {conf:.2f} < {cfg.min_confidence:g}")
     return reg, info
 
 
