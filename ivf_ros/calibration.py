@@ -289,18 +289,28 @@ def masked_ncc(fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray | 
     Gm = np.fft.rfft2(flip(mm), fsh)
     n = np.round(conv(F1, Gm))
     nn = np.maximum(n, 1.0)
-    num = np.zeros((ph, pw))
-    vf = np.zeros((ph, pw))
-    vm = np.zeros((ph, pw))
-    for c in range(fixed.shape[2]):  # channels: numerators and variances add up
+    # channels: numerators and variances add up, so their cross terms are summed before the inverse transforms
+    cross = np.zeros_like(F1)
+    mean_terms = np.zeros((ph, pw))
+    sq_f = np.zeros((ph, pw))
+    sq_m = np.zeros((ph, pw))
+    f2 = np.zeros((hf, wf))
+    m2 = np.zeros((hm, wm))
+    for c in range(fixed.shape[2]):
         f = fixed[..., c].astype(np.float64)
         m = moving[..., c].astype(np.float64) * mm
         Ff = np.fft.rfft2(f, fsh)
         Gv = np.fft.rfft2(flip(m), fsh)
         sf, sm = conv(Ff, Gm), conv(F1, Gv)
-        num += conv(Ff, Gv) - sf * sm / nn
-        vf += np.maximum(conv(np.fft.rfft2(f * f, fsh), Gm) - sf * sf / nn, 0)
-        vm += np.maximum(conv(F1, np.fft.rfft2(flip(m * m), fsh)) - sm * sm / nn, 0)
+        cross += Ff * Gv
+        mean_terms += sf * sm
+        sq_f += sf * sf
+        sq_m += sm * sm
+        f2 += f * f
+        m2 += m * m
+    num = np.fft.irfft2(cross, fsh)[:ph, :pw] - mean_terms / nn
+    vf = np.maximum(conv(np.fft.rfft2(f2, fsh), Gm) - sq_f / nn, 0)
+    vm = np.maximum(conv(F1, np.fft.rfft2(flip(m2), fsh)) - sq_m / nn, 0)
     den = np.sqrt(vf * vm)
     ncc = np.where(den > 1e-9 * nn, num / np.maximum(den, 1e-12), 0.0)
     limit = min_overlap * min(hf * wf, float(mm.sum()))
@@ -327,7 +337,7 @@ class CoarseResult:
         return np.array([[self.scale, 0, self.tx], [0, self.scale, self.ty], [0, 0, 1.0]])
 
 
-def coarse_search(ir: np.ndarray, vis: np.ndarray, scale_range=(0.55, 1.8), steps_per_octave: int = 14,
+def coarse_search(ir: np.ndarray, vis: np.ndarray, scale_range=(0.55, 1.8), steps_per_octave: int = 10,
                   work_side: int = 200, n_candidates: int = 3) -> CoarseResult:
     """Best isotropic scale + translation (IR full px -> visible full px) by masked NCC of structure maps.
 
@@ -544,9 +554,8 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
         half = 0.5 * max(hw, ww)
         N = np.array([[1 / half, 0, -(ww - 1) / (2 * half)], [0, 1 / half, -(hw - 1) / (2 * half)], [0, 0, 1.0]])
         ys, xs = np.mgrid[0:hw:stride, 0:ww:stride]
-        xn_all = (xs - (ww - 1) / 2) / half
-        yn_all = (ys - (hw - 1) / 2) / half
-        bx_all, by_all = _warp_basis(xn_all, yn_all)
+        xn_all = ((xs - (ww - 1) / 2) / half).astype(np.float32)
+        yn_all = ((ys - (hw - 1) / 2) / half).astype(np.float32)
         Hw = [Sv @ H @ np.linalg.inv(Si) for *_, Si in levels]  # per pair: IR level px -> vis level px
         last = li == len(sides) - 1
         for it in range(iters):
@@ -564,7 +573,8 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
                 gy = cv2.Sobel(M, cv2.CV_32F, 0, 1, ksize=3)[::stride, ::stride] / 8.0
                 Ms, Fs = M[::stride, ::stride][valid], fv[::stride, ::stride][valid]
                 gx, gy = gx[valid], gy[valid]
-                bx, by = bx_all[valid][:, :npar], by_all[valid][:, :npar]
+                xn, yn = xn_all[valid], yn_all[valid]
+                J = np.empty((len(xn), npar), np.float32)
                 for c in range(M.shape[2]):
                     m, f = Ms[:, c] - Ms[:, c].mean(), Fs[:, c] - Fs[:, c].mean()
                     sm, sf = m.std() + 1e-6, f.std() + 1e-6
@@ -573,9 +583,14 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
                     if c == 0:
                         corrs.append(float((m * f).mean()))
                     e = f - rho * m
-                    J = (rho * half / sm) * (gx[:, c, None] * bx + gy[:, c, None] * by)
-                    A += J.T @ J
-                    b += J.T @ e
+                    u, v = gx[:, c] * (rho * half / sm), gy[:, c] * (rho * half / sm)
+                    J[:, 0], J[:, 1], J[:, 2] = u * xn, u * yn, u
+                    J[:, 3], J[:, 4], J[:, 5] = v * xn, v * yn, v
+                    if npar == 8:
+                        r = u * xn + v * yn
+                        J[:, 6], J[:, 7] = -r * xn, -r * yn
+                    A += (J.T @ J).astype(np.float64)
+                    b += (J.T @ e).astype(np.float64)
                     sse += float(e @ e)
                     cnt += e.size
             if cnt == 0:

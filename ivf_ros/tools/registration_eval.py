@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", nargs="+", metavar="YAML",
                    help="synthetic: per folder, the registration of its aligned IR to its visible images ('-' = "
                         "identity, the default): the true mapping is this after undoing the random warp")
+    p.add_argument("--self-reference", action="store_true",
+                   help="synthetic: also register each unwarped pair and score the answers against that (the "
+                        "method's consistency, free of the data set's own misalignment)")
     p.add_argument("--jobs", type=int, default=1, help="synthetic: worker processes (default 1)")
     p.add_argument("--plot", action="store_true", help="synthetic: also write synthetic.png (error vs confidence)")
 
@@ -266,33 +269,46 @@ def grid_error(H: np.ndarray, H_true: np.ndarray, vis_wh: tuple[int, int], step:
     return float(e.mean()), float(e.max())
 
 
-def _synthetic_case(task: dict) -> dict:
-    """One known-answer case (runs in a worker): warp, register, score."""
+def _synthetic_pair(task: dict) -> list[dict]:
+    """The known-answer cases of one pair (runs in a worker): warp, register, score against the true mapping."""
     cv2.setNumThreads(1)
     ir, vis = read_ir(task["ir"]), read_vis(task["vis"])
     h, w = ir.shape[:2]
-    G = np.asarray(task["warp"]).reshape(3, 3)
-    iw = cv2.warpPerspective(ir, G, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    vis_wh = (vis.shape[1], vis.shape[0])
+    cfg = AutoConfig(model=task["model"], min_confidence=0.0)  # answers below the threshold are scored too
     ref = np.asarray(task["reference"]).reshape(3, 3)
-    truth = ref @ np.linalg.inv(G)  # warped IR px -> visible px
-    row = {"dataset": task["dataset"], "pair": task["pair"], "case": task["case"], "warp": G.ravel().tolist()}
-    t = time.perf_counter()
-    try:  # the answer is scored even below the confidence threshold, to show what refusing it avoided
-        reg, info = calibrate_auto([(iw, vis)], AutoConfig(model=task["model"], min_confidence=0.0))
-    except CalibrationError as exc:
-        row.update(refused=str(exc), answer=False, seconds=time.perf_counter() - t)
-        return row
-    row["seconds"] = time.perf_counter() - t
-    mean, mx = grid_error(reg.matrix, truth, (vis.shape[1], vis.shape[0]))
-    row.update(answer=True, mean_px=mean, max_px=mx, confidence=info["confidence"],
-               refused=None if info["confidence"] >= AutoConfig.min_confidence else "confidence below threshold",
-               **{k: info[k] for k in SYNTHETIC_INFO if k in info})
-    if not np.allclose(ref, np.eye(3)):
-        row["mean_px_vs_dataset"], row["max_px_vs_dataset"] = grid_error(reg.matrix, np.linalg.inv(G),
-                                                                         (vis.shape[1], vis.shape[0]))
-    if task.get("overlay"):
-        write_overlay(task["overlay"], iw, vis, reg, max_width=1200)
-    return row
+    own = None
+    if task["self_reference"]:
+        # the same method on the unwarped pair: scores the answers without the data set's own misalignment
+        try:
+            own = calibrate_auto([(ir, vis)], cfg)[0].matrix
+        except CalibrationError:
+            pass
+    rows = []
+    for j, (warp, overlay) in enumerate(zip(task["warps"], task["overlays"])):
+        G = np.asarray(warp).reshape(3, 3)
+        iw = cv2.warpPerspective(ir, G, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        row = {"dataset": task["dataset"], "pair": task["pair"], "case": j, "warp": G.ravel().tolist()}
+        t = time.perf_counter()
+        try:
+            reg, info = calibrate_auto([(iw, vis)], cfg)
+        except CalibrationError as exc:
+            row.update(refused=str(exc), answer=False, seconds=time.perf_counter() - t)
+            rows.append(row)
+            continue
+        row["seconds"] = time.perf_counter() - t
+        mean, mx = grid_error(reg.matrix, ref @ np.linalg.inv(G), vis_wh)  # truth: warped IR px -> visible px
+        row.update(answer=True, mean_px=mean, max_px=mx, confidence=info["confidence"],
+                   refused=None if info["confidence"] >= AutoConfig.min_confidence else "confidence below threshold",
+                   **{k: info[k] for k in SYNTHETIC_INFO if k in info})
+        if not np.allclose(ref, np.eye(3)):
+            row["mean_px_vs_dataset"], row["max_px_vs_dataset"] = grid_error(reg.matrix, np.linalg.inv(G), vis_wh)
+        if own is not None:
+            row["mean_px_vs_self"], row["max_px_vs_self"] = grid_error(reg.matrix, own @ np.linalg.inv(G), vis_wh)
+        if overlay:
+            write_overlay(overlay, iw, vis, reg, max_width=1200)
+        rows.append(row)
+    return rows
 
 
 SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "dense_correlation", "dense_uncertainty_px",
@@ -300,7 +316,7 @@ SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "dense_correlati
 
 
 def synthetic_tasks(folders, per_pair: int, seed: int, references, model: str, limit: int = 0,
-                    overlays: int = 0, out: Path | None = None) -> list[dict]:
+                    overlays: int = 0, out: Path | None = None, self_reference: bool = False) -> list[dict]:
     """The cases of the known-answer evaluation: one random homography stream per run (``seed``), in folder and
     sorted pair order, so the same arguments give the same cases."""
     rng = np.random.default_rng(seed)
@@ -316,27 +332,30 @@ def synthetic_tasks(folders, per_pair: int, seed: int, references, model: str, l
         name = folder.name
         for k, p in enumerate(pairs):
             h, w = cv2.imread(str(p.ir), cv2.IMREAD_UNCHANGED).shape[:2]
-            for j in range(per_pair):
-                G = random_homography(rng, w, h)
-                n = k * per_pair + j
-                tasks.append({"dataset": name, "pair": p.stem, "case": j, "ir": str(p.ir), "vis": str(p.vis),
-                              "warp": G.ravel().tolist(), "reference": ref.ravel().tolist(), "model": model,
-                              "overlay": str(out / "overlays" / f"synthetic_{name}_{p.stem}_{j}.png")
-                              if out is not None and (overlays < 0 or n < overlays) else None})
+            warps = [random_homography(rng, w, h).ravel().tolist() for _ in range(per_pair)]
+            shots = [str(out / "overlays" / f"synthetic_{name}_{p.stem}_{j}.png")
+                     if out is not None and (overlays < 0 or k * per_pair + j < overlays) else None
+                     for j in range(per_pair)]
+            tasks.append({"dataset": name, "pair": p.stem, "ir": str(p.ir), "vis": str(p.vis), "warps": warps,
+                          "overlays": shots, "reference": ref.ravel().tolist(), "model": model,
+                          "self_reference": self_reference})
     return tasks
 
 
-def synthetic_summary(rows: list[dict], limit_px: float = 3.0, wrong_px: float = 5.0) -> list[dict]:
-    """Per data set and over all: refusal rate, median grid error, share of accepted answers within ``limit_px``,
-    the worst accepted answer, and how many accepted answers are wrong (> ``wrong_px``)."""
+def synthetic_summary(rows: list[dict], limit_px: float = 3.0, wrong_px: float = 5.0,
+                      key: str = "mean_px") -> list[dict]:
+    """Per data set and over all: refusal rate, median grid error (``key``: the mean over the grid against the
+    reference, or ``mean_px_vs_self``), share of accepted answers within ``limit_px``, the worst accepted answer,
+    and how many accepted (and refused) answers are wrong (> ``wrong_px``)."""
     out = []
     names = list(dict.fromkeys(r["dataset"] for r in rows))
     for ds in names + (["all"] if len(names) > 1 else []):
         rs = [r for r in rows if ds == "all" or r["dataset"] == ds]
+        rs = [r for r in rs if not r.get("answer") or key in r]
         acc = [r for r in rs if not r["refused"]]
-        mean = np.array([r["mean_px"] for r in acc]) if acc else np.zeros(0)
-        mx = np.array([r["max_px"] for r in acc]) if acc else np.zeros(0)
-        wrong_refused = [r for r in rs if r["refused"] and r.get("answer") and r["mean_px"] > wrong_px]
+        mean = np.array([r[key] for r in acc])
+        mx = np.array([r[key.replace("mean", "max")] for r in acc])
+        wrong_refused = [r for r in rs if r["refused"] and r.get("answer") and r[key] > wrong_px]
         out.append({"dataset": ds, "cases": len(rs), "refused": len(rs) - len(acc),
                     "refusal_rate": (len(rs) - len(acc)) / max(len(rs), 1),
                     "median_px": float(np.median(mean)) if acc else None,
@@ -344,7 +363,7 @@ def synthetic_summary(rows: list[dict], limit_px: float = 3.0, wrong_px: float =
                     "within_limit": float((mean <= limit_px).mean()) if acc else None,
                     "max_accepted_px": float(mean.max()) if acc else None,
                     "max_accepted_max_px": float(mx.max()) if acc else None,
-                    "accepted_wrong": int((mean > wrong_px).sum()),
+                    "accepted_wrong": int((mean > wrong_px).sum()) if acc else 0,
                     "refused_wrong": len(wrong_refused),
                     "seconds_per_case": float(np.mean([r["seconds"] for r in rs]))})
     return out
@@ -391,14 +410,24 @@ def run_synthetic(args: argparse.Namespace) -> int:
         raise ValueError(f"--reference needs one entry per --synthetic folder ({len(args.synthetic)}), "
                          f"got {len(args.reference)}")
     tasks = synthetic_tasks(args.synthetic, args.per_pair, args.seed, args.reference, args.model, args.limit,
-                            args.overlays, out)
-    if args.jobs > 1:
-        import multiprocessing as mp
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        with mp.get_context("spawn").Pool(args.jobs) as pool:
-            rows = list(tqdm(pool.imap(_synthetic_case, tasks), total=len(tasks), desc="registering", unit="case"))
-    else:
-        rows = [_synthetic_case(t) for t in tqdm(tasks, desc="registering", unit="case")]
+                            args.overlays, out, args.self_reference)
+    rows: list[dict] = []
+    with (out / "synthetic.jsonl").open("w") as log, tqdm(total=len(tasks), desc="registering", unit="pair") as bar:
+        def done(pair_rows):  # cases are logged as they come, so a long run can be followed (and read if cut)
+            for r in pair_rows:
+                log.write(json.dumps(r) + "\n")
+            log.flush()
+            rows.extend(pair_rows)
+            bar.update()
+        if args.jobs > 1:
+            import multiprocessing as mp
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            with mp.get_context("spawn").Pool(args.jobs) as pool:
+                for pair_rows in pool.imap(_synthetic_pair, tasks):
+                    done(pair_rows)
+        else:
+            for t in tasks:
+                done(_synthetic_pair(t))
     summary = synthetic_summary(rows)
     (out / "synthetic.json").write_text(json.dumps({"seed": args.seed, "per_pair": args.per_pair,
                                                     "warp_ranges": WARP_RANGES, "grid_step_px": GRID_STEP,
@@ -409,6 +438,9 @@ def run_synthetic(args: argparse.Namespace) -> int:
         w.writeheader()
         w.writerows(rows)
     table = synthetic_markdown(summary)
+    if args.self_reference:
+        table += ("\nAgainst each pair's own registration (the unwarped pair registered by the same method):\n\n"
+                  + synthetic_markdown(synthetic_summary(rows, key="mean_px_vs_self")))
     (out / "synthetic.md").write_text(table)
     if args.plot:
         _plot(rows, out / "synthetic.png")
