@@ -637,15 +637,20 @@ class AutoConfig:
     min_inliers: int = 12
     min_inlier_ratio: float = 0.3
     min_distinct: float = 3.5
-    min_confidence: float = 0.35
+    min_confidence: float = 0.5
     verify_patch: int = 41  # patch size (px at half the fine resolution) when verifying a coarse hypothesis
     verify_step: int = 14  # grid step of those patches
 
 
 def confidence_score(info: dict) -> float:
-    """0..1 (provisional)."""
-    return float(min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
-                 * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5)
+    """0..1 from the evidence of :func:`calibrate_auto` (see the README for what it means, measured): the patch
+    support of the start (consistent-match count and share, coarse distinctiveness), the stability of the dense
+    refinement (``spread_px``: how far a nudged start lands) and the share of the frame where it was verified."""
+    support = (min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
+               * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5)
+    stability = float(np.clip((4.0 - info["spread_px"]) / 3.0, 0.0, 1.0))
+    coverage = min(1.0, info["coverage"] / 0.4)
+    return float(support * stability * coverage)
 
 
 def _verify_start(pairs, H: np.ndarray, cfg: AutoConfig, log, tag: str = "") -> tuple[np.ndarray, dict, float]:
@@ -730,7 +735,7 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
             log(f"pair {i}: no distinct coarse match (distinctiveness {coarse.distinct:.1f})")
             continue
         for cand in coarse.candidates:
-            if cand.distinct < cfg.min_distinct:
+            if cand.distinct < cfg.min_distinct or cand.score < 0.6 * coarse.score:
                 continue
             tag = f"pair {i} scale {cand.scale:.3f}: "
             log(f"{tag}coarse t=({cand.tx:.1f},{cand.ty:.1f}) ncc {cand.score:.3f} distinct {cand.distinct:.1f}")
@@ -750,18 +755,25 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
                       f"mapping (need {cfg.min_inliers} and {cfg.min_inlier_ratio:.0%})")
     # the whole frame, all pairs pooled: dense refinement of the full model from the verified affine start
     H0 = H
-    dense = dense_refine(pairs, H0, cfg.model, sides=(cfg.coarse_side, cfg.fine_side // 2, cfg.fine_side))
+    sides = (cfg.coarse_side, cfg.fine_side // 2, cfg.fine_side)
+    dense = dense_refine(pairs, H0, cfg.model, sides=sides)
     H = dense.matrix
-    check = verify_mapping(pairs, H, cfg.fine_side)
     hv, wv = vis_shape
     gx, gy = np.meshgrid(np.linspace(0, wv - 1, 9), np.linspace(0, hv - 1, 7))
     g = np.c_[gx.ravel(), gy.ravel()]
-    moved = float(np.linalg.norm(project(H @ np.linalg.inv(H0), g) - g, axis=1).max())
+    spread = lambda A, B: float(np.linalg.norm(project(A, g) - project(B, g), axis=1).max())
+    # stability: the same refinement from a start a few pixels off (1% scale, 3 px shift about the frame centre)
+    # must land on the same mapping; where the evidence is weak or ambiguous it does not
+    c = np.array([[1.0, 0, wv / 2], [0, 1.0, hv / 2], [0, 0, 1.0]])
+    nudge = c @ np.array([[1.01, 0, 3.0], [0, 1.01, -3.0], [0, 0, 1.0]]) @ np.linalg.inv(c)
+    other = dense_refine(pairs, nudge @ H0, cfg.model, sides=sides[1:])
+    check = verify_mapping(pairs, H, cfg.fine_side)
     info.update(model=cfg.model, dense_correlation=dense.correlation, dense_uncertainty_px=dense.uncertainty_px,
-                overlap=dense.overlap, dense_iterations=dense.iterations, moved_px=moved, **check)
-    log(f"dense refinement ({dense.iterations} iterations): structure correlation {dense.correlation:.3f}, "
-        f"moved {moved:.1f} px from the patch fit; check: {check['agree']:.0%} of {check['verify_matches']} "
-        f"patches agree, coverage {check['coverage']:.0%}")
+                overlap=dense.overlap, dense_iterations=dense.iterations, moved_px=spread(H, H0),
+                spread_px=spread(H, other.matrix), **check)
+    log(f"dense refinement ({dense.iterations} iterations): structure correlation {dense.correlation:.3f}, moved "
+        f"{info['moved_px']:.1f} px from the patch fit, {info['spread_px']:.1f} px from a nudged start; check: "
+        f"{check['agree']:.0%} of {check['verify_matches']} patches agree, coverage {check['coverage']:.0%}")
     conf = confidence_score(info)
     info["confidence"] = conf
     reg = Registration(H, (ir_shape[1], ir_shape[0]), (vis_shape[1], vis_shape[0]), f"auto-{cfg.model}",

@@ -311,7 +311,7 @@ def _synthetic_pair(task: dict) -> list[dict]:
     return rows
 
 
-SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "dense_correlation", "dense_uncertainty_px",
+SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "dense_correlation", "dense_uncertainty_px", "spread_px",
                   "overlap", "moved_px", "agree", "coverage", "verify_matches")
 
 
@@ -320,8 +320,10 @@ def synthetic_tasks(folders, per_pair: int, seed: int, references, model: str, l
     """The cases of the known-answer evaluation: one random homography stream per run (``seed``), in folder and
     sorted pair order, so the same arguments give the same cases."""
     rng = np.random.default_rng(seed)
-    tasks = []
+    per_folder = []
     for fi, folder in enumerate(folders):
+        tasks = []
+        per_folder.append(tasks)
         folder = Path(folder)
         vis_dir = folder / "vi" if (folder / "vi").is_dir() else folder / "vis"
         pairs = find_pairs(folder / "ir", vis_dir)
@@ -339,7 +341,9 @@ def synthetic_tasks(folders, per_pair: int, seed: int, references, model: str, l
             tasks.append({"dataset": name, "pair": p.stem, "ir": str(p.ir), "vis": str(p.vis), "warps": warps,
                           "overlays": shots, "reference": ref.ravel().tolist(), "model": model,
                           "self_reference": self_reference})
-    return tasks
+    # run the folders interleaved (the warps are drawn above, so the order changes no result): a run that is cut
+    # short has covered every folder evenly
+    return [t[i] for i in range(max(map(len, per_folder), default=0)) for t in per_folder if i < len(t)]
 
 
 def synthetic_summary(rows: list[dict], limit_px: float = 3.0, wrong_px: float = 5.0,
