@@ -526,7 +526,7 @@ class DenseResult:
 
 
 def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 400, 640), iters: int = 10,
-                 max_pixels: int = 80000) -> DenseResult:
+                 max_pixels: int = 80000, prior: float = 0.2) -> DenseResult:
     """Refine the IR -> visible matrix on the whole frame: Gauss-Newton maximising the correlation of the structure
     channels of the warped IR and the visible frames over their valid overlap (black padding masked), coarse to
     fine; several pairs of one rig are pooled into one system. ``model`` affine keeps the last row fixed. Levels
@@ -595,6 +595,14 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
                     cnt += e.size
             if cnt == 0:
                 raise CalibrationError("the estimated mapping leaves no overlap between the IR and visible frames")
+            if npar == 8 and prior > 0:
+                # a prior on the perspective terms (normalised coordinates), as strong as ``prior`` x the mean
+                # evidence on the affine terms: they stay near zero unless the whole frame supports them
+                Hn = N @ Hw[0] @ np.linalg.inv(N)
+                r = Hn[2, :2] / Hn[2, 2]
+                lam = prior * float(np.mean(np.diag(A)[:6]))
+                A[6:, 6:] += lam * np.eye(2)
+                b[6:] += lam * r
             try:
                 d = np.linalg.solve(A + 1e-6 * np.trace(A) / npar * np.eye(npar), b)
             except np.linalg.LinAlgError:
@@ -649,7 +657,7 @@ def confidence_score(info: dict) -> float:
     support = (min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
                * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5)
     stability = float(np.clip((4.0 - info["spread_px"]) / 3.0, 0.0, 1.0))
-    coverage = min(1.0, info["coverage"] / 0.4)
+    coverage = float(np.clip((info["coverage"] - 0.1) / 0.4, 0.0, 1.0))
     return float(support * stability * coverage)
 
 

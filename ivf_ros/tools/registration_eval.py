@@ -25,13 +25,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..calibration import (MODELS, AutoConfig, CalibrationError, calibrate_auto, content_mask, edge_alignment,
-                           project, to_gray, write_overlay)
+from ..calibration import (MODELS, AutoConfig, CalibrationError, calibrate_auto, confidence_score, content_mask,
+                           edge_alignment, project, to_gray, write_overlay)
 from ..data import data_root, find_pairs, read_ir, read_vis
 from ..registration import Registration
 
 DATASETS = ("msrs", "roadscene", "unregistered")
-DOCS_PAIRS = ("unregistered:FLIR_00122", "unregistered:FLIR_03909", "msrs:00055D", "roadscene:19")
+DOCS_PAIRS = ("unregistered:FLIR_00122", "unregistered:FLIR_03909", "msrs:00055D", "roadscene:19",
+              "aligned-msrs:00186D", "aligned-roadscene:FLIR_04412")
 DOCS_WIDTH = 760
 
 
@@ -58,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic: also register each unwarped pair and score the answers against that (the "
                         "method's consistency, free of the data set's own misalignment)")
     p.add_argument("--jobs", type=int, default=1, help="synthetic: worker processes (default 1)")
+    p.add_argument("--rescore", metavar="JSONL",
+                   help="synthetic: recompute confidence and refusals of a logged run (synthetic.jsonl) with the "
+                        "current confidence function and write the tables to --out")
     p.add_argument("--plot", action="store_true", help="synthetic: also write synthetic.png (error vs confidence)")
 
 
@@ -148,7 +152,8 @@ def _small_png(path: Path, img: np.ndarray) -> None:
 
 
 def docs_pictures(root: Path, specs: list[str], folder: Path, model: str) -> list[Path]:
-    """README pictures: unregistered frames (checkerboard | edges), misaligned pairs before/after (edges)."""
+    """README pictures: unregistered frames (checkerboard | edges), misaligned pairs and pairs of the aligned data
+    sets (``aligned-msrs:STEM``) before/after (edges)."""
     from ..calibration import render_overlay
     written = []
     for spec in specs:
@@ -156,6 +161,9 @@ def docs_pictures(root: Path, specs: list[str], folder: Path, model: str) -> lis
         if ds == "unregistered":
             base = root / "roadscene_unregistered"
             ir, vis = read_ir(next((base / "ir_raw").glob(stem + ".*"))), read_vis(next((base / "vi_hr").glob(stem + ".*")))
+        elif ds.startswith("aligned-"):  # a pair of an aligned data set, as the data set aligned it
+            base = root / ds[len("aligned-"):]
+            ir, vis = read_ir(next((base / "ir").glob(stem + ".*"))), read_vis(next((base / "vi").glob(stem + ".*")))
         else:
             base = root / "misaligned" / ds
             ir, vis = read_ir(next((base / "ir_warp").glob(stem + ".*"))), read_vis(next((base / "vi").glob(stem + ".*")))
@@ -171,7 +179,8 @@ def docs_pictures(root: Path, specs: list[str], folder: Path, model: str) -> lis
             before = render_overlay(ir, vis, ident, max_width=4000)[:, -w:]
             after = render_overlay(ir, vis, reg, max_width=4000)[:, -w:]
             sep = np.full((h, 6, 3), 255, np.uint8)
-            img = np.hstack([_label(before, "ir_warp as is"), sep, _label(after, "registered")])
+            first = "as the data set aligned it" if ds.startswith("aligned-") else "ir_warp as is"
+            img = np.hstack([_label(before, first), sep, _label(after, "registered")])
         path = folder / f"registration_{ds}_{stem}.png"
         _small_png(path, img)
         written.append(path)
@@ -210,6 +219,11 @@ def markdown(summary: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.rescore:
+        rows = [json.loads(line) for line in Path(args.rescore).read_text().splitlines() if line.strip()]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return write_synthetic(rescore(rows), args, out)
     if args.synthetic:
         return run_synthetic(args)
     root = Path(args.data) if args.data else data_root()
@@ -432,6 +446,23 @@ def run_synthetic(args: argparse.Namespace) -> int:
         else:
             for t in tasks:
                 done(_synthetic_pair(t))
+    return write_synthetic(rows, args, out)
+
+
+def rescore(rows: list[dict]) -> list[dict]:
+    """The logged cases with confidence and refusal recomputed by the current :func:`confidence_score` (a pure
+    function of the logged evidence), so the confidence can be re-calibrated without registering again."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r.get("answer"):
+            r["confidence"] = confidence_score(r)
+            r["refused"] = None if r["confidence"] >= AutoConfig.min_confidence else "confidence below threshold"
+        out.append(r)
+    return out
+
+
+def write_synthetic(rows: list[dict], args: argparse.Namespace, out: Path) -> int:
     summary = synthetic_summary(rows)
     (out / "synthetic.json").write_text(json.dumps({"seed": args.seed, "per_pair": args.per_pair,
                                                     "warp_ranges": WARP_RANGES, "grid_step_px": GRID_STEP,
@@ -442,7 +473,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
         w.writeheader()
         w.writerows(rows)
     table = synthetic_markdown(summary)
-    if args.self_reference:
+    if any("mean_px_vs_self" in r for r in rows):
         table += ("\nAgainst each pair's own registration (the unwarped pair registered by the same method):\n\n"
                   + synthetic_markdown(synthetic_summary(rows, key="mean_px_vs_self")))
     (out / "synthetic.md").write_text(table)
