@@ -329,6 +329,7 @@ class CoarseResult:
     ty: float
     score: float  # peak NCC of structure maps
     distinct: float  # (peak - median) / robust std over all translations, at the best scale
+    ambiguity: float = 0.0  # best other translation (away from the peak) relative to the peak, above the median
     scores: list = field(default_factory=list)  # (scale, peak) per scale tried
     candidates: list = field(default_factory=list)  # the best few local maxima over scale (CoarseResult), best first
 
@@ -383,7 +384,11 @@ def coarse_search(ir: np.ndarray, vis: np.ndarray, scale_range=(0.55, 1.8), step
         # pixel centres: ir_work = k * ir_full + (k-1)/2 ; vis_work = a * vis_full + (a-1)/2 (resize convention)
         t_work = np.array([ix - ox + dx, iy - oy + dy])
         t_full = (t_work + (k - 1) / 2 - (a - 1) / 2) / a
-        per_scale.append(CoarseResult(float(s), float(t_full[0]), float(t_full[1]), peak, (peak - med) / mad))
+        # repeated structure (a row of identical windows, a fence) gives a second peak as high as the first
+        away = ncc.copy()
+        cv2.circle(away, (ix, iy), max(3, int(0.04 * max(sv.shape[:2]))), -1.0, -1)
+        amb = (float(away.max()) - med) / max(peak - med, 1e-6)
+        per_scale.append(CoarseResult(float(s), float(t_full[0]), float(t_full[1]), peak, (peak - med) / mad, amb))
     table = [(c.scale, c.score) for c in per_scale]
     # candidates: local maxima of the peak score over scale, best first
     peaks = [c.score for c in per_scale]
@@ -653,12 +658,14 @@ class AutoConfig:
 def confidence_score(info: dict) -> float:
     """0..1 from the evidence of :func:`calibrate_auto` (see the README for what it means, measured): the patch
     support of the start (consistent-match count and share, coarse distinctiveness), the stability of the dense
-    refinement (``spread_px``: how far a nudged start lands) and the share of the frame where it was verified."""
+    refinement (``spread_px``: how far a nudged start lands), the share of the frame where it was verified and
+    the uniqueness of the coarse match (repeated structure matches equally well one period away)."""
     support = (min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
                * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5)
     stability = float(np.clip((4.0 - info["spread_px"]) / 3.0, 0.0, 1.0))
     coverage = float(np.clip((info["coverage"] - 0.1) / 0.4, 0.0, 1.0))
-    return float(support * stability * coverage)
+    unique = float(np.clip((0.95 - info["coarse_ambiguity"]) / 0.1, 0.0, 1.0))
+    return float(support * stability * coverage * unique)
 
 
 def _verify_start(pairs, H: np.ndarray, cfg: AutoConfig, log, tag: str = "") -> tuple[np.ndarray, dict, float]:
@@ -755,7 +762,7 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
                       f"std above the rest, need {cfg.min_distinct:g})")
     support, H, stats, cand = best
     info = {"pairs": len(pairs), "coarse_scale": cand.scale, "coarse_ncc": cand.score,
-            "coarse_distinct": cand.distinct, **stats}
+            "coarse_distinct": cand.distinct, "coarse_ambiguity": cand.ambiguity, **stats}
     if stats.get("matches", 0) < cfg.min_inliers:
         raise _refuse(f"only {stats.get('matches', 0)} patch match(es) found (need {cfg.min_inliers})")
     if stats.get("inliers", 0) < cfg.min_inliers or stats.get("inlier_ratio", 0.0) < cfg.min_inlier_ratio:
