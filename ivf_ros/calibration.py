@@ -661,9 +661,9 @@ def confidence_score(info: dict) -> float:
     refinement (``spread_px``: how far a nudged start lands), the share of the frame where it was verified and
     the uniqueness of the coarse match (repeated structure matches equally well one period away)."""
     support = (min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
-               * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5)
+               * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5) ** 0.5
     stability = float(np.clip((4.0 - info["spread_px"]) / 3.0, 0.0, 1.0))
-    coverage = float(np.clip((info["coverage"] - 0.1) / 0.4, 0.0, 1.0))
+    coverage = float(np.clip((info["coverage"] - 0.05) / 0.3, 0.0, 1.0))
     unique = float(np.clip((0.95 - info["coarse_ambiguity"]) / 0.1, 0.0, 1.0))
     return float(support * stability * coverage * unique)
 
