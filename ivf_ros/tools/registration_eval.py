@@ -401,6 +401,20 @@ def synthetic_markdown(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def confidence_markdown(rows: list[dict], edges=(0.0, 0.25, 0.5, 0.75, 0.9, 1.01)) -> str:
+    """Per data set and confidence band: answers, median grid error, share within 3 px and above 5 px."""
+    lines = ["| data set | confidence | answers | median grid error (px) | <= 3 px | > 5 px |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        rs = [r for r in rows if r["dataset"] == ds and r.get("answer")]
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            e = np.array([r["mean_px"] for r in rs if lo <= r["confidence"] < hi])
+            if len(e):
+                lines.append(f"| {ds} | {lo:.2f}-{min(hi, 1.0):.2f} | {len(e)} | {np.median(e):.2f} | "
+                             f"{100 * (e <= 3).mean():.0f}% | {100 * (e > 5).mean():.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -472,7 +486,8 @@ def write_synthetic(rows: list[dict], args: argparse.Namespace, out: Path) -> in
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    table = synthetic_markdown(summary)
+    table = synthetic_markdown(summary) + "\nWhat the confidence means (all answers, refused ones too):\n\n" + \
+        confidence_markdown(rows)
     if any("mean_px_vs_self" in r for r in rows):
         table += ("\nAgainst each pair's own registration (the unwarped pair registered by the same method):\n\n"
                   + synthetic_markdown(synthetic_summary(rows, key="mean_px_vs_self")))
