@@ -133,13 +133,6 @@ def _warp(img: np.ndarray, H: np.ndarray, size_wh: tuple[int, int], interp=cv2.I
     return cv2.warpPerspective(img, H, size_wh, flags=interp, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def _valid_mask(src_shape, H, size_wh, erode: int = 2) -> np.ndarray:
-    m = _warp(np.ones(src_shape[:2], np.uint8), H, size_wh, cv2.INTER_NEAREST)
-    if erode:
-        m = cv2.erode(m, np.ones((2 * erode + 1, 2 * erode + 1), np.uint8))
-    return m.astype(bool)
-
-
 # ----------------------------------------------------------------------------------------------- point fitting
 
 def fit_points(ir_pts, vis_pts, model: str = "homography", ransac_px: float | None = 3.0):
@@ -465,22 +458,6 @@ def _match_patches(ir: np.ndarray, vis: np.ndarray, H: np.ndarray, work_side: in
     return ir_pts, vis_pts, np.asarray(wts)
 
 
-def structure_correlation(ir_reg: np.ndarray, vis: np.ndarray, valid: np.ndarray | None = None,
-                          work_side: int = 400) -> float:
-    """NCC of the structure maps of a registered IR frame and the visible frame over the valid region."""
-    gi, gv = to_gray(ir_reg), to_gray(vis)
-    a = min(1.0, work_side / max(gv.shape))
-    si, sv = structure_map(_resize(gi, a)), structure_map(_resize(gv, a))
-    if valid is None:
-        valid = np.ones(gv.shape, bool)
-    v = cv2.resize(valid.astype(np.uint8), (sv.shape[1], sv.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
-    v = cv2.erode(v.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
-    if v.sum() < 100:
-        return 0.0
-    x, y = si[v] - si[v].mean(), sv[v] - sv[v].mean()
-    return float((x * y).sum() / (np.sqrt((x * x).sum() * (y * y).sum()) + 1e-12))
-
-
 # ----------------------------------------------------------------------------------------------- dense refinement
 
 def _resize_matrix(shape, small_shape) -> np.ndarray:
@@ -524,8 +501,7 @@ def _delta_matrix(d: np.ndarray) -> np.ndarray:
 class DenseResult:
     matrix: np.ndarray
     correlation: float  # mean over pairs of the structure-map NCC over the overlap at the finest level
-    uncertainty_px: float  # predicted worst-case std of the mapping over the visible grid (full px)
-    uncertainty_mean_px: float
+    uncertainty_px: float  # predicted worst-case std of the mapping over the visible grid (full px, white residuals)
     overlap: float  # share of the visible frame covered by valid IR content (mean over pairs)
     iterations: int
 
@@ -633,8 +609,8 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
             px, py = px[:, :npar], py[:, :npar]
             var = (np.einsum("ni,ij,nj->n", px, cov, px) + np.einsum("ni,ij,nj->n", py, cov, py)) * half * half
             std = np.sqrt(np.maximum(var, 0)) / a
-            stats = DenseResult(H, float(np.mean(corrs)) if corrs else 0.0, float(std.max()), float(std.mean()),
-                                float(np.mean(cover)), total)
+            stats = DenseResult(H, float(np.mean(corrs)) if corrs else 0.0, float(std.max()), float(np.mean(cover)),
+                                total)
     return stats
 
 

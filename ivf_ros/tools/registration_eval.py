@@ -159,14 +159,12 @@ def docs_pictures(root: Path, specs: list[str], folder: Path, model: str) -> lis
     for spec in specs:
         ds, _, stem = spec.partition(":")
         if ds == "unregistered":
-            base = root / "roadscene_unregistered"
-            ir, vis = read_ir(next((base / "ir_raw").glob(stem + ".*"))), read_vis(next((base / "vi_hr").glob(stem + ".*")))
+            ir_dir, vis_dir = root / "roadscene_unregistered" / "ir_raw", root / "roadscene_unregistered" / "vi_hr"
         elif ds.startswith("aligned-"):  # a pair of an aligned data set, as the data set aligned it
-            base = root / ds[len("aligned-"):]
-            ir, vis = read_ir(next((base / "ir").glob(stem + ".*"))), read_vis(next((base / "vi").glob(stem + ".*")))
+            ir_dir, vis_dir = root / ds[len("aligned-"):] / "ir", root / ds[len("aligned-"):] / "vi"
         else:
-            base = root / "misaligned" / ds
-            ir, vis = read_ir(next((base / "ir_warp").glob(stem + ".*"))), read_vis(next((base / "vi").glob(stem + ".*")))
+            ir_dir, vis_dir = root / "misaligned" / ds / "ir_warp", root / "misaligned" / ds / "vi"
+        ir, vis = read_ir(next(ir_dir.glob(stem + ".*"))), read_vis(next(vis_dir.glob(stem + ".*")))
         reg, _, refused, _ = _register(ir, vis, model)
         if reg is None:
             print(f"docs picture {spec}: registration refused ({refused})")
@@ -273,7 +271,8 @@ def random_homography(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     return G / G[2, 2]
 
 
-def grid_error(H: np.ndarray, H_true: np.ndarray, vis_wh: tuple[int, int], step: int = GRID_STEP) -> tuple[float, float]:
+def grid_error(H: np.ndarray, H_true: np.ndarray, vis_wh: tuple[int, int],
+               step: int = GRID_STEP) -> tuple[float, float]:
     """Mean and max distance (visible px) between two IR -> visible mappings over a ``step``-px grid of the visible
     frame (the grid points are mapped back into the IR frame by the true mapping)."""
     gx, gy = np.meshgrid(np.arange(0, vis_wh[0], step), np.arange(0, vis_wh[1], step))
