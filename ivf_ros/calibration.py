@@ -9,17 +9,18 @@ on structure maps (locally contrast-normalised gradient magnitude, which ignores
    a masked normalised cross-correlation (FFT), so partially overlapping fields of view are handled. The best few
    peaks over scale are kept as hypotheses, with their distinctiveness (how far a peak stands above the other
    translations, in robust standard deviations).
-2. local matching: the IR is warped with a hypothesis; on a grid of textured patches the displacement to the
+2. verification: the IR is warped with a hypothesis; on a grid of textured patches the displacement to the
    visible structure map is found by normalised cross-correlation within a small radius (weak, ambiguous or
-   border peaks are dropped), giving point correspondences.
-3. robust fit: RANSAC fits an affine map, then (finer resolution, smaller radius, twice) the requested model to
-   the correspondences of all frame pairs. A homography's perspective terms are kept only when they predict
-   held-out parts of the frame better than an affine map (spatial cross-validation); otherwise the result is affine.
-   The hypothesis with the most consistent support wins.
+   border peaks are dropped) and RANSAC fits an affine map to these correspondences. The hypothesis with the most
+   consistent support wins.
+3. dense refinement on the whole frame: Gauss-Newton maximises the correlation of the structure channels of the
+   warped IR and the visible frames over their valid overlap (padding masked), coarse to fine, for the full model;
+   the perspective terms carry a prior relative to the evidence on the affine terms. Several pairs of one rig are
+   pooled into one system.
 
-The result carries its own confidence (from the consistent-match count and ratio and the coarse peak's
-distinctiveness). When the images share too little structure, :class:`CalibrationError` says so
-instead of returning a guess.
+The result carries its own confidence (:func:`confidence_score`: patch support, stability of the refinement from a
+nudged start, verified coverage of the frame, uniqueness of the coarse match). When it is too low, or the images
+share too little structure, :class:`CalibrationError` says so instead of returning a guess.
 """
 from __future__ import annotations
 
@@ -699,9 +700,8 @@ def _refuse(detail: str) -> CalibrationError:
 def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tuple[Registration, dict]:
     """Estimate the mapping from one or several (ir, vis) frame pairs of the same rig.
 
-    Each pair's coarse hypotheses (scale/translation) are verified by the patch-matching rounds and the one with
-    the most consistent support wins; with several pairs the best pair's estimate is then refined on all pairs
-    pooled. All pairs must share the IR size and the visible size (the mapping is one rig's). Raises
+    Each pair's coarse hypotheses (scale/translation) are verified by patch matching and the one with the most
+    consistent support wins; it is then refined densely on the whole frame of all pairs pooled. All pairs must share the IR size and the visible size (the mapping is one rig's). Raises
     :class:`CalibrationError` when the evidence is too weak (see ``AutoConfig``). ``verbose`` is an optional
     ``print``-like callable for progress lines.
     """
