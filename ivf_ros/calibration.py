@@ -635,11 +635,13 @@ class AutoConfig:
 def confidence_score(info: dict) -> float:
     """0..1 from the evidence of :func:`calibrate_auto` (see the README for what it means, measured): the patch
     support of the start (consistent-match count and share, coarse distinctiveness), the stability of the dense
-    refinement (``spread_px``: how far a nudged start lands), the share of the frame where it was verified and
+    refinement (``spread_px``: how far a nudged start lands, in IR px where ``scale`` > 1), the share of the frame where it was verified and
     the uniqueness of the coarse match (repeated structure matches equally well one period away)."""
     support = (min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
                * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5) ** 0.5
-    stability = float(np.clip((4.0 - info["spread_px"]) / 3.0, 0.0, 1.0))
+    # in IR pixels when the visible camera has the finer ones: no mapping is steadier than the IR pixel grid
+    spread = info["spread_px"] / max(1.0, info.get("scale", 1.0))
+    stability = float(np.clip((4.0 - spread) / 3.0, 0.0, 1.0))
     coverage = float(np.clip((info["coverage"] - 0.05) / 0.3, 0.0, 1.0))
     unique = float(np.clip((0.95 - info["coarse_ambiguity"]) / 0.1, 0.0, 1.0))
     return float(support * stability * coverage * unique)
@@ -761,6 +763,7 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
     check = verify_mapping(pairs, H, cfg.fine_side)
     info.update(model=cfg.model, dense_correlation=dense.correlation, dense_uncertainty_px=dense.uncertainty_px,
                 overlap=dense.overlap, dense_iterations=dense.iterations, moved_px=spread(H, H0),
+                scale=float(math.sqrt(abs(np.linalg.det(H[:2, :2])))),
                 spread_px=spread(H, other.matrix), **check)
     log(f"dense refinement ({dense.iterations} iterations): structure correlation {dense.correlation:.3f}, moved "
         f"{info['moved_px']:.1f} px from the patch fit, {info['spread_px']:.1f} px from a nudged start; check: "
