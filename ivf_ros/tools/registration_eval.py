@@ -325,7 +325,8 @@ def _synthetic_pair(task: dict) -> list[dict]:
 
 
 SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "coarse_ambiguity", "dense_correlation",
-                  "dense_uncertainty_px", "spread_px", "scale", "overlap", "moved_px", "agree", "coverage", "verify_matches")
+                  "dense_uncertainty_px", "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
+                  "verify_matches")
 
 
 def synthetic_tasks(folders, per_pair: int, seed: int, references, model: str, limit: int = 0,
