@@ -635,8 +635,9 @@ class AutoConfig:
 def confidence_score(info: dict) -> float:
     """0..1 from the evidence of :func:`calibrate_auto` (see the README for what it means, measured): the patch
     support of the start (consistent-match count and share, coarse distinctiveness), the stability of the dense
-    refinement (``spread_px``: how far a nudged start lands, in IR px where ``scale`` > 1), the share of the frame where it was verified and
-    the uniqueness of the coarse match (repeated structure matches equally well one period away)."""
+    refinement (``spread_px``: how far a nudged start lands, in IR px where ``scale`` > 1), the share of the frame
+    where it was verified and the uniqueness of the coarse match (repeated structure matches equally well one
+    period away)."""
     support = (min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
                * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5) ** 0.5
     # in IR pixels when the visible camera has the finer ones: no mapping is steadier than the IR pixel grid
@@ -703,9 +704,10 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
     """Estimate the mapping from one or several (ir, vis) frame pairs of the same rig.
 
     Each pair's coarse hypotheses (scale/translation) are verified by patch matching and the one with the most
-    consistent support wins; it is then refined densely on the whole frame of all pairs pooled. All pairs must share the IR size and the visible size (the mapping is one rig's). Raises
-    :class:`CalibrationError` when the evidence is too weak (see ``AutoConfig``). ``verbose`` is an optional
-    ``print``-like callable for progress lines.
+    consistent support wins; it is then refined densely on the whole frame of all pairs pooled. All pairs must
+    share the IR size and the visible size (the mapping is one rig's). Raises :class:`CalibrationError` when the
+    evidence is too weak (see ``AutoConfig``). ``verbose`` is an optional ``print``-like callable for progress
+    lines.
     """
     cfg = config or AutoConfig()
     if cfg.model not in MODELS:
