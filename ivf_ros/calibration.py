@@ -9,17 +9,18 @@ on structure maps (locally contrast-normalised gradient magnitude, which ignores
    a masked normalised cross-correlation (FFT), so partially overlapping fields of view are handled. The best few
    peaks over scale are kept as hypotheses, with their distinctiveness (how far a peak stands above the other
    translations, in robust standard deviations).
-2. local matching: the IR is warped with a hypothesis; on a grid of textured patches the displacement to the
+2. verification: the IR is warped with a hypothesis; on a grid of textured patches the displacement to the
    visible structure map is found by normalised cross-correlation within a small radius (weak, ambiguous or
-   border peaks are dropped), giving point correspondences.
-3. robust fit: RANSAC fits an affine map, then (finer resolution, smaller radius, twice) the requested model to
-   the correspondences of all frame pairs. A homography's perspective terms are kept only when they predict
-   held-out parts of the frame better than an affine map (spatial cross-validation); otherwise the result is affine.
-   The hypothesis with the most consistent support wins.
+   border peaks are dropped) and RANSAC fits an affine map to these correspondences. The hypothesis with the most
+   consistent support wins.
+3. dense refinement on the whole frame: Gauss-Newton maximises the correlation of the structure channels of the
+   warped IR and the visible frames over their valid overlap (padding masked), coarse to fine, for the full model;
+   the perspective terms carry a prior relative to the evidence on the affine terms. Several pairs of one rig are
+   pooled into one system.
 
-The result carries its own confidence (from the consistent-match count and ratio and the coarse peak's
-distinctiveness). When the images share too little structure, :class:`CalibrationError` says so
-instead of returning a guess.
+The result carries its own confidence (:func:`confidence_score`: patch support, stability of the refinement from a
+nudged start, verified coverage of the frame, uniqueness of the coarse match). When it is too low, or the images
+share too little structure, :class:`CalibrationError` says so instead of returning a guess.
 """
 from __future__ import annotations
 
@@ -132,13 +133,6 @@ def _diag(sx: float, sy: float | None = None) -> np.ndarray:
 
 def _warp(img: np.ndarray, H: np.ndarray, size_wh: tuple[int, int], interp=cv2.INTER_LINEAR) -> np.ndarray:
     return cv2.warpPerspective(img, H, size_wh, flags=interp, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-
-
-def _valid_mask(src_shape, H, size_wh, erode: int = 2) -> np.ndarray:
-    m = _warp(np.ones(src_shape[:2], np.uint8), H, size_wh, cv2.INTER_NEAREST)
-    if erode:
-        m = cv2.erode(m, np.ones((2 * erode + 1, 2 * erode + 1), np.uint8))
-    return m.astype(bool)
 
 
 # ----------------------------------------------------------------------------------------------- point fitting
@@ -290,18 +284,28 @@ def masked_ncc(fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray | 
     Gm = np.fft.rfft2(flip(mm), fsh)
     n = np.round(conv(F1, Gm))
     nn = np.maximum(n, 1.0)
-    num = np.zeros((ph, pw))
-    vf = np.zeros((ph, pw))
-    vm = np.zeros((ph, pw))
-    for c in range(fixed.shape[2]):  # channels: numerators and variances add up
+    # channels: numerators and variances add up, so their cross terms are summed before the inverse transforms
+    cross = np.zeros_like(F1)
+    mean_terms = np.zeros((ph, pw))
+    sq_f = np.zeros((ph, pw))
+    sq_m = np.zeros((ph, pw))
+    f2 = np.zeros((hf, wf))
+    m2 = np.zeros((hm, wm))
+    for c in range(fixed.shape[2]):
         f = fixed[..., c].astype(np.float64)
         m = moving[..., c].astype(np.float64) * mm
         Ff = np.fft.rfft2(f, fsh)
         Gv = np.fft.rfft2(flip(m), fsh)
         sf, sm = conv(Ff, Gm), conv(F1, Gv)
-        num += conv(Ff, Gv) - sf * sm / nn
-        vf += np.maximum(conv(np.fft.rfft2(f * f, fsh), Gm) - sf * sf / nn, 0)
-        vm += np.maximum(conv(F1, np.fft.rfft2(flip(m * m), fsh)) - sm * sm / nn, 0)
+        cross += Ff * Gv
+        mean_terms += sf * sm
+        sq_f += sf * sf
+        sq_m += sm * sm
+        f2 += f * f
+        m2 += m * m
+    num = np.fft.irfft2(cross, fsh)[:ph, :pw] - mean_terms / nn
+    vf = np.maximum(conv(np.fft.rfft2(f2, fsh), Gm) - sq_f / nn, 0)
+    vm = np.maximum(conv(F1, np.fft.rfft2(flip(m2), fsh)) - sq_m / nn, 0)
     den = np.sqrt(vf * vm)
     ncc = np.where(den > 1e-9 * nn, num / np.maximum(den, 1e-12), 0.0)
     limit = min_overlap * min(hf * wf, float(mm.sum()))
@@ -320,6 +324,7 @@ class CoarseResult:
     ty: float
     score: float  # peak NCC of structure maps
     distinct: float  # (peak - median) / robust std over all translations, at the best scale
+    ambiguity: float = 0.0  # best other translation (away from the peak) relative to the peak, above the median
     scores: list = field(default_factory=list)  # (scale, peak) per scale tried
     candidates: list = field(default_factory=list)  # the best few local maxima over scale (CoarseResult), best first
 
@@ -328,7 +333,7 @@ class CoarseResult:
         return np.array([[self.scale, 0, self.tx], [0, self.scale, self.ty], [0, 0, 1.0]])
 
 
-def coarse_search(ir: np.ndarray, vis: np.ndarray, scale_range=(0.55, 1.8), steps_per_octave: int = 14,
+def coarse_search(ir: np.ndarray, vis: np.ndarray, scale_range=(0.55, 1.8), steps_per_octave: int = 10,
                   work_side: int = 200, n_candidates: int = 3) -> CoarseResult:
     """Best isotropic scale + translation (IR full px -> visible full px) by masked NCC of structure maps.
 
@@ -374,7 +379,11 @@ def coarse_search(ir: np.ndarray, vis: np.ndarray, scale_range=(0.55, 1.8), step
         # pixel centres: ir_work = k * ir_full + (k-1)/2 ; vis_work = a * vis_full + (a-1)/2 (resize convention)
         t_work = np.array([ix - ox + dx, iy - oy + dy])
         t_full = (t_work + (k - 1) / 2 - (a - 1) / 2) / a
-        per_scale.append(CoarseResult(float(s), float(t_full[0]), float(t_full[1]), peak, (peak - med) / mad))
+        # repeated structure (a row of identical windows, a fence) gives a second peak as high as the first
+        away = ncc.copy()
+        cv2.circle(away, (ix, iy), max(3, int(0.04 * max(sv.shape[:2]))), -1.0, -1)
+        amb = (float(away.max()) - med) / max(peak - med, 1e-6)
+        per_scale.append(CoarseResult(float(s), float(t_full[0]), float(t_full[1]), peak, (peak - med) / mad, amb))
     table = [(c.scale, c.score) for c in per_scale]
     # candidates: local maxima of the peak score over scale, best first
     peaks = [c.score for c in per_scale]
@@ -451,20 +460,160 @@ def _match_patches(ir: np.ndarray, vis: np.ndarray, H: np.ndarray, work_side: in
     return ir_pts, vis_pts, np.asarray(wts)
 
 
-def structure_correlation(ir_reg: np.ndarray, vis: np.ndarray, valid: np.ndarray | None = None,
-                          work_side: int = 400) -> float:
-    """NCC of the structure maps of a registered IR frame and the visible frame over the valid region."""
-    gi, gv = to_gray(ir_reg), to_gray(vis)
-    a = min(1.0, work_side / max(gv.shape))
-    si, sv = structure_map(_resize(gi, a)), structure_map(_resize(gv, a))
-    if valid is None:
-        valid = np.ones(gv.shape, bool)
-    v = cv2.resize(valid.astype(np.uint8), (sv.shape[1], sv.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
-    v = cv2.erode(v.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
-    if v.sum() < 100:
-        return 0.0
-    x, y = si[v] - si[v].mean(), sv[v] - sv[v].mean()
-    return float((x * y).sum() / (np.sqrt((x * x).sum() * (y * y).sum()) + 1e-12))
+# ----------------------------------------------------------------------------------------------- dense refinement
+
+def _resize_matrix(shape, small_shape) -> np.ndarray:
+    """Full-resolution px -> px of the image resized from ``shape`` to ``small_shape`` (cv2's pixel centres)."""
+    ax, ay = small_shape[1] / shape[1], small_shape[0] / shape[0]
+    return np.array([[ax, 0, (ax - 1) / 2], [0, ay, (ay - 1) / 2], [0, 0, 1.0]])
+
+
+def _fill_padding(gray: np.ndarray, mask: np.ndarray, sigma: float = 6.0) -> np.ndarray:
+    """Padding replaced by a blur of the nearby content, so its border is no edge in the structure maps."""
+    if mask.all():
+        return gray
+    m = mask.astype(np.float32)
+    num = cv2.GaussianBlur(gray * m, (0, 0), sigma)
+    den = cv2.GaussianBlur(m, (0, 0), sigma)
+    fill = np.where(den > 1e-3, num / np.maximum(den, 1e-3), float(gray[mask].mean()) if mask.any() else 0.0)
+    return np.where(mask, gray, fill).astype(np.float32)
+
+
+def _level_features(gray: np.ndarray, mask: np.ndarray, scale: float, sigma: float):
+    """Structure channels of ``gray`` resized by ``scale``, their valid mask, and the full px -> level px matrix."""
+    g = _resize(_fill_padding(gray, mask), scale)
+    m = _resize(mask.astype(np.float32), scale) > 0.99
+    m = cv2.erode(m.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    return structure_channels(g, sigma), m, _resize_matrix(gray.shape, g.shape)
+
+
+def _warp_basis(xn: np.ndarray, yn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """d(x', y')/d(delta) of the near-identity homography I + D(delta) at normalised points (8 parameters)."""
+    z, o = np.zeros_like(xn), np.ones_like(xn)
+    bx = np.stack([xn, yn, o, z, z, z, -xn * xn, -xn * yn], axis=-1)
+    by = np.stack([z, z, z, xn, yn, o, -xn * yn, -yn * yn], axis=-1)
+    return bx, by
+
+
+def _delta_matrix(d: np.ndarray) -> np.ndarray:
+    return np.array([[1 + d[0], d[1], d[2]], [d[3], 1 + d[4], d[5]], [d[6], d[7], 1.0]])
+
+
+@dataclass
+class DenseResult:
+    matrix: np.ndarray
+    correlation: float  # mean over pairs of the structure-map NCC over the overlap at the finest level
+    uncertainty_px: float  # predicted worst-case std of the mapping over the visible grid (full px, white residuals)
+    overlap: float  # share of the visible frame covered by valid IR content (mean over pairs)
+    iterations: int
+
+
+def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 400, 640), iters: int = 10,
+                 max_pixels: int = 80000, prior: float = 0.2) -> DenseResult:
+    """Refine the IR -> visible matrix on the whole frame: Gauss-Newton maximising the correlation of the structure
+    channels of the warped IR and the visible frames over their valid overlap (black padding masked), coarse to
+    fine; several pairs of one rig are pooled into one system. ``model`` affine keeps the last row fixed. Levels
+    larger than ``max_pixels`` use every second pixel in each direction."""
+    npar = 8 if model == "homography" else 6
+    vis_shape = pairs[0][1].shape[:2]
+    data = [(to_gray(ir), to_gray(vis)) for ir, vis in pairs]
+    masks = [(content_mask(gi), content_mask(gv)) for gi, gv in data]
+    H = np.asarray(H, np.float64) / H[2, 2]
+    stats = None
+    total = 0
+    for li, side in enumerate(sides):
+        a = min(1.0, side / max(vis_shape))
+        sigma = 1.5 if li == 0 else 1.0
+        s_h = math.sqrt(abs(np.linalg.det(H[:2, :2])))
+        k = min(1.0, a * s_h)
+        levels = []
+        for (gi, gv), (mi, mv) in zip(data, masks):
+            fv, vm, Sv = _level_features(gv, mv, a, sigma)
+            fi, im, Si = _level_features(gi, mi, k, sigma)
+            levels.append((fv, vm, fi, im.astype(np.uint8), Sv, Si))
+        hw, ww = levels[0][0].shape[:2]
+        stride = 2 if hw * ww > max_pixels else 1
+        Sv = levels[0][4]
+        half = 0.5 * max(hw, ww)
+        N = np.array([[1 / half, 0, -(ww - 1) / (2 * half)], [0, 1 / half, -(hw - 1) / (2 * half)], [0, 0, 1.0]])
+        ys, xs = np.mgrid[0:hw:stride, 0:ww:stride]
+        xn_all = ((xs - (ww - 1) / 2) / half).astype(np.float32)
+        yn_all = ((ys - (hw - 1) / 2) / half).astype(np.float32)
+        Hw = [Sv @ H @ np.linalg.inv(Si) for *_, Si in levels]  # per pair: IR level px -> vis level px
+        last = li == len(sides) - 1
+        for it in range(iters):
+            A = np.zeros((npar, npar))
+            b = np.zeros(npar)
+            sse, cnt, corrs, cover = 0.0, 0, [], []
+            for (fv, vm, fi, im, _, _), Hp in zip(levels, Hw):
+                M = cv2.warpPerspective(fi, Hp, (ww, hw), flags=cv2.INTER_LINEAR)
+                valid = cv2.warpPerspective(im, Hp, (ww, hw), flags=cv2.INTER_NEAREST).astype(bool) & vm
+                valid = cv2.erode(valid.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)[::stride, ::stride]
+                cover.append(float(valid.mean()))
+                if valid.sum() < 200:
+                    continue
+                gx = cv2.Sobel(M, cv2.CV_32F, 1, 0, ksize=3)[::stride, ::stride] / 8.0
+                gy = cv2.Sobel(M, cv2.CV_32F, 0, 1, ksize=3)[::stride, ::stride] / 8.0
+                Ms, Fs = M[::stride, ::stride][valid], fv[::stride, ::stride][valid]
+                gx, gy = gx[valid], gy[valid]
+                xn, yn = xn_all[valid], yn_all[valid]
+                J = np.empty((len(xn), npar), np.float32)
+                for c in range(M.shape[2]):
+                    m, f = Ms[:, c] - Ms[:, c].mean(), Fs[:, c] - Fs[:, c].mean()
+                    sm, sf = m.std() + 1e-6, f.std() + 1e-6
+                    m, f = m / sm, f / sf
+                    rho = max(float((m * f).mean()), 0.02)
+                    if c == 0:
+                        corrs.append(float((m * f).mean()))
+                    e = f - rho * m
+                    u, v = gx[:, c] * (rho * half / sm), gy[:, c] * (rho * half / sm)
+                    J[:, 0], J[:, 1], J[:, 2] = u * xn, u * yn, u
+                    J[:, 3], J[:, 4], J[:, 5] = v * xn, v * yn, v
+                    if npar == 8:
+                        r = u * xn + v * yn
+                        J[:, 6], J[:, 7] = -r * xn, -r * yn
+                    A += (J.T @ J).astype(np.float64)
+                    b += (J.T @ e).astype(np.float64)
+                    sse += float(e @ e)
+                    cnt += e.size
+            if cnt == 0:
+                raise CalibrationError("the estimated mapping leaves no overlap between the IR and visible frames")
+            if npar == 8 and prior > 0:
+                # a prior on the perspective terms (normalised coordinates), as strong as ``prior`` x the mean
+                # evidence on the affine terms: they stay near zero unless the whole frame supports them
+                Hn = N @ Hw[0] @ np.linalg.inv(N)
+                r = Hn[2, :2] / Hn[2, 2]
+                lam = prior * float(np.mean(np.diag(A)[:6]))
+                A[6:, 6:] += lam * np.eye(2)
+                b[6:] += lam * r
+            try:
+                d = np.linalg.solve(A + 1e-6 * np.trace(A) / npar * np.eye(npar), b)
+            except np.linalg.LinAlgError:
+                break
+            dfull = np.zeros(8)
+            dfull[:npar] = d
+            E = np.linalg.inv(N) @ _delta_matrix(dfull) @ N
+            Einv = np.linalg.inv(E)
+            Hw = [Einv @ Hp for Hp in Hw]
+            total += 1
+            corners = np.array([[0, 0], [ww - 1, 0], [0, hw - 1], [ww - 1, hw - 1]], float)
+            step = float(np.abs(project(E, corners) - corners).max())
+            if step < 0.02:
+                break
+        H = np.linalg.inv(Sv) @ Hw[0] @ levels[0][5]
+        H /= H[2, 2]
+        if last:
+            # predicted std of the mapping: residual variance x (J^T J)^-1, per grid point (spatially correlated
+            # residuals make this optimistic by a roughly constant factor; the confidence is calibrated on it)
+            cov = (sse / max(cnt - npar, 1)) * np.linalg.pinv(A)
+            gy_, gx_ = np.mgrid[0:hw:max(1, hw // 12), 0:ww:max(1, ww // 12)]
+            px, py = _warp_basis((gx_.ravel() - (ww - 1) / 2) / half, (gy_.ravel() - (hw - 1) / 2) / half)
+            px, py = px[:, :npar], py[:, :npar]
+            var = (np.einsum("ni,ij,nj->n", px, cov, px) + np.einsum("ni,ij,nj->n", py, cov, py)) * half * half
+            std = np.sqrt(np.maximum(var, 0)) / a
+            stats = DenseResult(H, float(np.mean(corrs)) if corrs else 0.0, float(std.max()), float(np.mean(cover)),
+                                total)
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------- auto calibration
@@ -479,86 +628,72 @@ class AutoConfig:
     min_inliers: int = 12
     min_inlier_ratio: float = 0.3
     min_distinct: float = 3.5
-    min_confidence: float = 0.35
+    min_confidence: float = 0.5
     verify_patch: int = 41  # patch size (px at half the fine resolution) when verifying a coarse hypothesis
     verify_step: int = 14  # grid step of those patches
-    perspective_gain: float = 0.9  # keep perspective terms only if they cut the cross-validated error below this x affine
 
 
-def confidence_score(n_inliers: int, ratio: float, distinct: float) -> float:
-    """0..1: saturating in the inlier count (40), the inlier ratio and the coarse peak's distinctiveness."""
-    return float(min(1.0, n_inliers / 40.0) ** 0.5 * min(1.0, ratio / 0.6) * min(1.0, distinct / 8.0) ** 0.5)
+def confidence_score(info: dict) -> float:
+    """0..1 from the evidence of :func:`calibrate_auto` (see the README for what it means, measured): the patch
+    support of the start (consistent-match count and share, coarse distinctiveness), the stability of the dense
+    refinement (``spread_px``: how far a nudged start lands, in IR px where ``scale`` > 1), the share of the frame
+    where it was verified and the uniqueness of the coarse match (repeated structure matches equally well one
+    period away)."""
+    support = (min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
+               * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5) ** 0.5
+    # in IR pixels when the visible camera has the finer ones: no mapping is steadier than the IR pixel grid
+    spread = info["spread_px"] / max(1.0, info.get("scale", 1.0))
+    stability = float(np.clip((4.0 - spread) / 3.0, 0.0, 1.0))
+    coverage = float(np.clip((info["coverage"] - 0.05) / 0.3, 0.0, 1.0))
+    unique = float(np.clip((0.95 - info["coarse_ambiguity"]) / 0.1, 0.0, 1.0))
+    return float(support * stability * coverage * unique)
 
 
-def _refine(pairs, H: np.ndarray, cfg: AutoConfig, log, tag: str = "") -> tuple[np.ndarray, dict, float]:
-    """Patch matching + RANSAC rounds from ``H``: affine at half resolution (radius 12), then the requested model
-    at the fine resolution (radius 6, then 3). Returns (matrix, stats of the last round, support score)."""
+def _verify_start(pairs, H: np.ndarray, cfg: AutoConfig, log, tag: str = "") -> tuple[np.ndarray, dict, float]:
+    """Verify a coarse hypothesis: patch matching (radius 12, half the fine resolution) + RANSAC affine fit.
+    Returns (matrix, stats, support score = consistent matches x their share)."""
     vis_long = max(pairs[0][1].shape[:2])
-    side1, side2 = min(vis_long, cfg.fine_side // 2), min(vis_long, cfg.fine_side)
-    rounds = [(side1, 12, cfg.verify_step, 1.5, "affine"), (side2, 6, None, 1.5, cfg.model),
-              (side2, 3, None, 1.0, cfg.model)]
-    stats: dict = {}
-    support = 0.0
-    for k, (side, radius, step, sigma, model) in enumerate(rounds):
-        patch = cfg.verify_patch if k == 0 else 41
-        parts = [_match_patches(ir, vis, H, side, radius, patch=patch, step=step, min_ncc=0.2, sigma=sigma)
-                 for ir, vis in pairs]
-        src = np.vstack([p[0] for p in parts])
-        dst = np.vstack([p[1] for p in parts])
-        thr = cfg.ransac_px * vis_long / side  # in visible full-resolution px
-        need = cfg.min_inliers if k == 0 else 8
-        if len(src) < need:
-            log(f"{tag}round r={radius}: only {len(src)} patch matches")
-            if k == 0:
-                stats.update(matches=len(src), inliers=0, inlier_ratio=0.0)
-            break
-        try:
-            M, inl, rms = fit_points(src, dst, model, thr)
-        except CalibrationError as exc:
-            log(f"{tag}round r={radius}: {exc}")
-            if k == 0:
-                stats.update(matches=len(src), inliers=0, inlier_ratio=0.0)
-            break
-        n_in, ratio = int(inl.sum()), float(inl.mean())
-        chosen = model
-        if model == "homography" and n_in >= 12:
-            # the two perspective terms must earn their place: matches often cover only part of the frame
-            # (textured top, blank road below), and a homography then extrapolates wildly. Keep it only if it
-            # predicts held-out regions better than an affine map does (spatial cross-validation).
-            cv_h = _spatial_cv(src[inl], dst[inl], "homography")
-            cv_a = _spatial_cv(src[inl], dst[inl], "affine")
-            if not cv_h < cfg.perspective_gain * cv_a:
-                M, _, rms = fit_points(src[inl], dst[inl], "affine", None)
-                chosen = "affine"
-        log(f"{tag}round r={radius} side={side}: {len(src)} matches, {n_in} consistent ({ratio:.0%}), "
-            f"rms {rms:.2f} px ({chosen})")
-        if k > 0 and n_in < need:
-            break
-        H = M
-        stats.update(matches=len(src), inliers=n_in, inlier_ratio=ratio, residual_px=rms, rounds=k + 1,
-                     model=chosen)
-        support += n_in * ratio
-        if k == 0 and (n_in < cfg.min_inliers or ratio < cfg.min_inlier_ratio):
-            break
-    return H, stats, support
+    side = min(vis_long, cfg.fine_side // 2)
+    parts = [_match_patches(ir, vis, H, side, 12, patch=cfg.verify_patch, step=cfg.verify_step, min_ncc=0.2,
+                            sigma=1.5) for ir, vis in pairs]
+    src = np.vstack([p[0] for p in parts])
+    dst = np.vstack([p[1] for p in parts])
+    stats = {"matches": len(src), "inliers": 0, "inlier_ratio": 0.0}
+    if len(src) < cfg.min_inliers:
+        log(f"{tag}only {len(src)} patch matches")
+        return H, stats, 0.0
+    try:
+        M, inl, rms = fit_points(src, dst, "affine", cfg.ransac_px * vis_long / side)
+    except CalibrationError as exc:
+        log(f"{tag}{exc}")
+        return H, stats, 0.0
+    n_in, ratio = int(inl.sum()), float(inl.mean())
+    log(f"{tag}{len(src)} patch matches, {n_in} consistent ({ratio:.0%}), rms {rms:.2f} px (affine)")
+    stats.update(inliers=n_in, inlier_ratio=ratio, residual_px=rms)
+    return M, stats, n_in * ratio
 
 
-def _spatial_cv(src: np.ndarray, dst: np.ndarray, model: str) -> float:
-    """RMS error predicting each quadrant's (and each half's) matches from a fit to the others."""
-    cx, cy = np.median(src, axis=0)
-    folds = [(src[:, 0] < cx) & (src[:, 1] < cy), (src[:, 0] >= cx) & (src[:, 1] < cy),
-             (src[:, 0] < cx) & (src[:, 1] >= cy), (src[:, 0] >= cx) & (src[:, 1] >= cy),
-             src[:, 0] < cx, src[:, 0] >= cx, src[:, 1] < cy, src[:, 1] >= cy]
-    errs = []
-    for held in folds:
-        if held.sum() < 3 or (~held).sum() < 8:
-            continue
-        try:
-            M, _, _ = fit_points(src[~held], dst[~held], model, None)
-        except CalibrationError:
-            return float("inf")
-        errs.append(np.sum((project(M, src[held]) - dst[held]) ** 2, axis=1))
-    return float(np.sqrt(np.mean(np.concatenate(errs)))) if errs else float("inf")
+def verify_mapping(pairs, H: np.ndarray, side: int = 640, radius: int = 4, tol_px: float = 1.5,
+                   cells: int = 4) -> dict:
+    """Independent check of a mapping over the frame: patch matches (radius ``radius`` at ``side`` px) between the
+    registered IR and the visible frames; ``agree`` = share of them within ``tol_px`` (full px) of the mapping,
+    ``coverage`` = share of the ``cells`` x ``cells`` regions of the visible frame holding an agreeing match."""
+    hv, wv = pairs[0][1].shape[:2]
+    side = min(side, max(hv, wv))
+    src, dst = [], []
+    for ir, vis in pairs:
+        s, d, _ = _match_patches(ir, vis, H, side, radius, patch=41, min_ncc=0.2, sigma=1.0)
+        src.append(s)
+        dst.append(d)
+    src, dst = np.vstack(src), np.vstack(dst)
+    if len(src) == 0:
+        return {"verify_matches": 0, "agree": 0.0, "coverage": 0.0}
+    res = np.linalg.norm(project(H, src) - dst, axis=1)
+    ok = res <= tol_px * max(hv, wv) / side
+    cx = np.clip((dst[ok, 0] * cells / wv).astype(int), 0, cells - 1)
+    cy = np.clip((dst[ok, 1] * cells / hv).astype(int), 0, cells - 1)
+    return {"verify_matches": int(len(src)), "agree": float(ok.mean()),
+            "coverage": len(set(zip(cx.tolist(), cy.tolist()))) / cells ** 2}
 
 
 def _refuse(detail: str) -> CalibrationError:
@@ -569,11 +704,11 @@ def _refuse(detail: str) -> CalibrationError:
 def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tuple[Registration, dict]:
     """Estimate the mapping from one or several (ir, vis) frame pairs of the same rig.
 
-    Each pair's coarse hypotheses (scale/translation) are verified by the patch-matching rounds and the one with
-    the most consistent support wins; with several pairs the best pair's estimate is then refined on all pairs
-    pooled. All pairs must share the IR size and the visible size (the mapping is one rig's). Raises
-    :class:`CalibrationError` when the evidence is too weak (see ``AutoConfig``). ``verbose`` is an optional
-    ``print``-like callable for progress lines.
+    Each pair's coarse hypotheses (scale/translation) are verified by patch matching and the one with the most
+    consistent support wins; it is then refined densely on the whole frame of all pairs pooled. All pairs must
+    share the IR size and the visible size (the mapping is one rig's). Raises :class:`CalibrationError` when the
+    evidence is too weak (see ``AutoConfig``). ``verbose`` is an optional ``print``-like callable for progress
+    lines.
     """
     cfg = config or AutoConfig()
     if cfg.model not in MODELS:
@@ -596,11 +731,11 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
             log(f"pair {i}: no distinct coarse match (distinctiveness {coarse.distinct:.1f})")
             continue
         for cand in coarse.candidates:
-            if cand.distinct < cfg.min_distinct:
+            if cand.distinct < cfg.min_distinct or cand.score < 0.6 * coarse.score:
                 continue
             tag = f"pair {i} scale {cand.scale:.3f}: "
             log(f"{tag}coarse t=({cand.tx:.1f},{cand.ty:.1f}) ncc {cand.score:.3f} distinct {cand.distinct:.1f}")
-            H, stats, support = _refine([(ir, vis)], cand.matrix, cfg, log, tag)
+            H, stats, support = _verify_start([(ir, vis)], cand.matrix, cfg, log, tag)
             if best is None or support > best[0]:
                 best = (support, H, stats, cand)
     if best is None:
@@ -608,29 +743,42 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
                       f"std above the rest, need {cfg.min_distinct:g})")
     support, H, stats, cand = best
     info = {"pairs": len(pairs), "coarse_scale": cand.scale, "coarse_ncc": cand.score,
-            "coarse_distinct": cand.distinct, **stats}
+            "coarse_distinct": cand.distinct, "coarse_ambiguity": cand.ambiguity, **stats}
     if stats.get("matches", 0) < cfg.min_inliers:
         raise _refuse(f"only {stats.get('matches', 0)} patch match(es) found (need {cfg.min_inliers})")
     if stats.get("inliers", 0) < cfg.min_inliers or stats.get("inlier_ratio", 0.0) < cfg.min_inlier_ratio:
         raise _refuse(f"only {stats.get('inliers', 0)} of {stats.get('matches', 0)} patch matches agree on one "
                       f"mapping (need {cfg.min_inliers} and {cfg.min_inlier_ratio:.0%})")
-    if len(pairs) > 1:  # pool all pairs, starting from the best single-pair estimate
-        H2, stats2, _ = _refine(pairs, H, cfg, log, "all pairs: ")
-        if stats2.get("rounds", 0) >= stats.get("rounds", 0) and stats2.get("inliers", 0) >= cfg.min_inliers:
-            H, info = H2, {**info, **stats2}
-    if info.get("rounds", 0) < 2 and cfg.model == "homography":
-        log("only the affine round succeeded: the result is affine")
-    conf = confidence_score(info["inliers"], info["inlier_ratio"], info["coarse_distinct"])
+    # the whole frame, all pairs pooled: dense refinement of the full model from the verified affine start
+    H0 = H
+    sides = (cfg.coarse_side, cfg.fine_side // 2, cfg.fine_side)
+    dense = dense_refine(pairs, H0, cfg.model, sides=sides)
+    H = dense.matrix
+    hv, wv = vis_shape
+    gx, gy = np.meshgrid(np.linspace(0, wv - 1, 9), np.linspace(0, hv - 1, 7))
+    g = np.c_[gx.ravel(), gy.ravel()]
+    spread = lambda A, B: float(np.linalg.norm(project(A, g) - project(B, g), axis=1).max())
+    # stability: the same refinement from a start a few pixels off (1% scale, 3 px shift about the frame centre)
+    # must land on the same mapping; where the evidence is weak or ambiguous it does not
+    c = np.array([[1.0, 0, wv / 2], [0, 1.0, hv / 2], [0, 0, 1.0]])
+    nudge = c @ np.array([[1.01, 0, 3.0], [0, 1.01, -3.0], [0, 0, 1.0]]) @ np.linalg.inv(c)
+    other = dense_refine(pairs, nudge @ H0, cfg.model, sides=sides[1:])
+    check = verify_mapping(pairs, H, cfg.fine_side)
+    info.update(model=cfg.model, dense_correlation=dense.correlation, dense_uncertainty_px=dense.uncertainty_px,
+                overlap=dense.overlap, dense_iterations=dense.iterations, moved_px=spread(H, H0),
+                scale=float(math.sqrt(abs(np.linalg.det(H[:2, :2])))),
+                spread_px=spread(H, other.matrix), **check)
+    log(f"dense refinement ({dense.iterations} iterations): structure correlation {dense.correlation:.3f}, moved "
+        f"{info['moved_px']:.1f} px from the patch fit, {info['spread_px']:.1f} px from a nudged start; check: "
+        f"{check['agree']:.0%} of {check['verify_matches']} patches agree, coverage {check['coverage']:.0%}")
+    conf = confidence_score(info)
     info["confidence"] = conf
-    method = f"auto-{info.get('model', 'affine')}"
-    reg = Registration(H, (ir_shape[1], ir_shape[0]), (vis_shape[1], vis_shape[0]), method,
+    reg = Registration(H, (ir_shape[1], ir_shape[0]), (vis_shape[1], vis_shape[0]), f"auto-{cfg.model}",
                        round(float(info["residual_px"]), 4), confidence=round(conf, 4))
-    corr = [structure_correlation(reg.apply(to_gray(ir), vis.shape[:2]), vis,
-                                  _valid_mask(ir.shape, H, (vis.shape[1], vis.shape[0]))) for ir, vis in pairs]
-    info["structure_ncc"] = float(np.mean(corr))
     if conf < cfg.min_confidence:
         raise _refuse(f"{info['inliers']} consistent patch matches ({info['inlier_ratio']:.0%} of "
-                      f"{info['matches']}), confidence {conf:.2f} < {cfg.min_confidence:g}")
+                      f"{info['matches']}), {check['agree']:.0%} of the check patches agree over "
+                      f"{check['coverage']:.0%} of the frame: confidence {conf:.2f} < {cfg.min_confidence:g}")
     return reg, info
 
 

@@ -146,7 +146,8 @@ def test_auto_recovers_known_homography_same_modality_exactly():
     reg, info = C.calibrate_auto([(ir, ir_a)])
     pts = C.project(G_WARP, grid(w, h, 80))  # warped-IR pixels of points inside both frames
     err = np.linalg.norm(C.project(reg.matrix, pts) - C.project(np.linalg.inv(G_WARP), pts), axis=1)
-    assert err.max() < 0.5, (err.max(), info)
+    # (within a pixel: the prior on the perspective terms pulls this warp's 3e-5 terms slightly towards zero)
+    assert err.max() < 1.0, (err.max(), info)
     assert reg.method == "auto-homography"
 
 
@@ -267,3 +268,93 @@ def test_eval_tool_on_a_small_fake_data_tree(tmp_path):
     assert un["refused"] == 0 and un["edge_after"] > un["edge_before"]
     assert "misaligned/msrs" in (out / "table.md").read_text()
     assert (out / "overlays" / "unregistered_f1.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------ known answers, confidence
+
+def periodic_scene(h=360, w=480, period=40, seed=0):
+    """Identical windows on a regular grid (a facade, a fence): any shift by the period matches as well."""
+    rng = np.random.default_rng(seed)
+    vis = np.full((h, w), 0.35, np.float32)
+    ir = np.full((h, w), 0.6, np.float32)
+    for y in range(-period, h + period, period):
+        for x in range(-period, w + period, period):
+            cv2.rectangle(vis, (x + 8, y + 6), (x + 28, y + 30), 0.8, -1)
+            cv2.rectangle(ir, (x + 8, y + 6), (x + 28, y + 30), 0.2, -1)
+    vis += rng.normal(0, 0.02, vis.shape).astype(np.float32)
+    ir = cv2.GaussianBlur(ir, (0, 0), 1.2) + rng.normal(0, 0.02, ir.shape).astype(np.float32)
+    return np.clip(ir * 255, 0, 255).astype(np.uint8), np.clip(vis * 255, 0, 255).astype(np.uint8)
+
+
+def test_refuses_a_confidently_wrong_answer(tmp_path, capsys):
+    # repeated structure: the estimate lands one period (40 px) from the truth with every patch match consistent;
+    # the answer must not come out as a confident one
+    from ivf_ros.tools.registration_eval import grid_error
+    ir, vis = periodic_scene()
+    G = np.array([[1.0, 0, 43.0], [0, 1.0, 21.0], [0, 0, 1.0]])
+    ir = cv2.warpPerspective(ir, G, (480, 360))
+    reg, info = C.calibrate_auto([(ir, vis)], C.AutoConfig(min_confidence=0.0))
+    mean, _ = grid_error(reg.matrix, np.linalg.inv(G), (480, 360))
+    assert mean > 5.0 and info["inlier_ratio"] > 0.9  # wrong, and the patch evidence alone looks convincing
+    assert info["confidence"] < 0.5
+    with pytest.raises(C.CalibrationError, match="confidence"):
+        C.calibrate_auto([(ir, vis)])
+    cv2.imwrite(str(tmp_path / "ir.png"), ir)
+    cv2.imwrite(str(tmp_path / "vis.png"), vis)
+    rc = _cli(["--ir", str(tmp_path / "ir.png"), "--vis", str(tmp_path / "vis.png"), "--out", str(tmp_path / "h.yaml")])
+    assert rc == calibrate_tool.EXIT_REFUSED and not (tmp_path / "h.yaml").exists()
+    assert "refused" in capsys.readouterr().err
+
+
+def test_random_homography_and_grid_error():
+    from ivf_ros.tools.registration_eval import WARP_RANGES, grid_error, random_homography
+    a = [random_homography(np.random.default_rng(3), 640, 480) for _ in range(2)]
+    assert np.array_equal(a[0], a[1])  # a fixed seed gives the same warps
+    rng = np.random.default_rng(4)
+    c = np.array([[1.0, 0, 320], [0, 1.0, 240], [0, 0, 1.0]])
+    for _ in range(50):
+        G = random_homography(rng, 640, 480)
+        P = np.linalg.inv(c) @ G @ c
+        P /= P[2, 2]
+        assert np.all(np.abs(P[2, :2]) <= WARP_RANGES["perspective"])
+        s = np.sqrt(abs(np.linalg.det(P[:2, :2])))
+        assert 0.89 < s < 1.16
+        shift = C.project(G, [[320, 240]])[0] - [320, 240]
+        assert np.all(np.abs(shift) <= 0.06 * np.array([640, 480]) + 1e-9)
+    H = random_homography(rng, 640, 480)
+    assert grid_error(H, H, (640, 480)) == (0.0, 0.0)
+    T = np.array([[1.0, 0, 2.0], [0, 1.0, 0], [0, 0, 1.0]])
+    mean, mx = grid_error(T @ H, H, (640, 480))
+    assert mean == pytest.approx(2.0) and mx == pytest.approx(2.0)
+
+
+@needs_data
+def test_synthetic_evaluation_on_a_few_pairs(tmp_path):
+    # the known-answer evaluation end to end on four real pairs (two MSRS, two RoadScene), one warp each
+    import json
+    from ivf_ros.tools import registration_eval
+    picks = {"msrs": ["01603D", "00099D"], "roadscene": ["FLIR_00548", "FLIR_05005"]}
+    for ds, stems in picks.items():
+        for sub in ("ir", "vi"):
+            (tmp_path / ds / sub).mkdir(parents=True)
+            for stem in stems:
+                src = next((DATA / ds / sub).glob(stem + ".*"))
+                (tmp_path / ds / sub / src.name).symlink_to(src)
+    p = argparse.ArgumentParser()
+    registration_eval.add_arguments(p)
+    out = tmp_path / "out"
+    rc = registration_eval.run(p.parse_args(["--synthetic", str(tmp_path / "msrs"), str(tmp_path / "roadscene"),
+                                             "--per-pair", "1", "--self-reference", "--overlays", "1",
+                                             "--out", str(out)]))
+    assert rc == 0
+    res = json.loads((out / "synthetic.json").read_text())
+    assert [s["dataset"] for s in res["summary"]] == ["msrs", "roadscene", "all"]
+    assert res["summary"][-1]["cases"] == 4 and len(res["cases"]) == 4
+    assert (out / "synthetic.md").is_file() and (out / "overlays" / "synthetic_msrs_00099D_0.png").is_file()
+    for case in res["cases"]:
+        assert case["answer"] and 0.0 <= case["confidence"] <= 1.0
+        # against the same method on the unwarped pair the warp is undone to a pixel or two
+        assert case["mean_px_vs_self"] < 2.5, case
+    # FLIR_00548 is well aligned by the data set itself: the answer is close to the true mapping, accepted
+    flir = next(c for c in res["cases"] if c["pair"] == "FLIR_00548")
+    assert flir["mean_px"] < 2.0 and not flir["refused"], flir

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
                              min_confidence=args.min_confidence)
             reg, info = calibrate_auto([(ir, vis) for _, ir, vis in chosen], cfg, verbose=log)
             print(f"{len(chosen)} pair(s): {info['inliers']} of {info['matches']} patch matches consistent "
-                  f"({info['inlier_ratio']:.0%}), RMS residual {info['residual_px']:.2f} px, "
+                  f"({info['inlier_ratio']:.0%}), refined on the whole frame (a nudged start lands "
+                  f"{info['spread_px']:.1f} px away), verified over {info['coverage']:.0%} of the frame: "
                   f"confidence {info['confidence']:.2f}")
     except CalibrationError as exc:
         print(f"ivf calibrate: refused: {exc}", file=sys.stderr)

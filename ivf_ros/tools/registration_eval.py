@@ -6,26 +6,34 @@ absolute error (gray levels, whole frame) before and after, and the edge-alignme
 roadscene_unregistered: raw 640x512 IR against the high-resolution visible frame; edge-alignment score of a plain
 resize versus the estimated mapping, and overlay pictures to judge by eye. Writes results.json, results.csv,
 table.md and overlays/ under --out.
+
+--synthetic DIR...: the known-answer evaluation. Each IR image of a folder of aligned pairs (``ir/`` and ``vi/``) is
+warped by random realistic homographies (fixed seed) and registered back; the recovered IR -> visible mapping is
+scored by its distance from the true one over a 16-px grid of the whole visible frame (mean and max per answer).
+Writes synthetic.json, synthetic.csv, synthetic.md (and synthetic.png with --plot) under --out.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
+import os
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from ..calibration import (MODELS, AutoConfig, CalibrationError, calibrate_auto, content_mask, edge_alignment,
-                           to_gray, write_overlay)
+from ..calibration import (MODELS, AutoConfig, CalibrationError, calibrate_auto, confidence_score, content_mask,
+                           edge_alignment, project, to_gray, write_overlay)
 from ..data import data_root, find_pairs, read_ir, read_vis
 from ..imageops import write_image
 from ..registration import Registration
 
 DATASETS = ("msrs", "roadscene", "unregistered")
-DOCS_PAIRS = ("unregistered:FLIR_00122", "unregistered:FLIR_03909", "msrs:00055D", "roadscene:19")
+DOCS_PAIRS = ("unregistered:FLIR_00122", "unregistered:FLIR_03909", "msrs:00055D", "roadscene:19",
+              "aligned-msrs:00186D", "aligned-roadscene:FLIR_04412")
 DOCS_WIDTH = 760
 
 
@@ -41,6 +49,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "(registration_<dataset>_<pair>.png, downscaled)")
     p.add_argument("--docs-pairs", nargs="+", default=list(DOCS_PAIRS), metavar="DATASET:PAIR",
                    help="pairs pictured with --docs (default: %(default)s)")
+    p.add_argument("--synthetic", nargs="+", metavar="DIR",
+                   help="known-answer evaluation on these folders of aligned pairs (ir/ and vi/ inside) instead")
+    p.add_argument("--per-pair", type=int, default=2, help="synthetic: random homographies per pair (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: random seed (default 0)")
+    p.add_argument("--reference", nargs="+", metavar="YAML",
+                   help="synthetic: per folder, the registration of its aligned IR to its visible images ('-' = "
+                        "identity, the default): the true mapping is this after undoing the random warp")
+    p.add_argument("--self-reference", action="store_true",
+                   help="synthetic: also register each unwarped pair and score the answers against that (the "
+                        "method's consistency, free of the data set's own misalignment)")
+    p.add_argument("--jobs", type=int, default=1, help="synthetic: worker processes (default 1)")
+    p.add_argument("--rescore", metavar="JSONL",
+                   help="synthetic: recompute confidence and refusals of a logged run (synthetic.jsonl) with the "
+                        "current confidence function and write the tables to --out")
+    p.add_argument("--plot", action="store_true", help="synthetic: also write synthetic.png (error vs confidence)")
 
 
 def _edge(img: np.ndarray, vis: np.ndarray, valid: np.ndarray) -> float:
@@ -130,17 +153,19 @@ def _small_png(path: Path, img: np.ndarray) -> None:
 
 
 def docs_pictures(root: Path, specs: list[str], folder: Path, model: str) -> list[Path]:
-    """README pictures: unregistered frames (checkerboard | edges), misaligned pairs before/after (edges)."""
+    """README pictures: unregistered frames (checkerboard | edges), misaligned pairs and pairs of the aligned data
+    sets (``aligned-msrs:STEM``) before/after (edges)."""
     from ..calibration import render_overlay
     written = []
     for spec in specs:
         ds, _, stem = spec.partition(":")
         if ds == "unregistered":
-            base = root / "roadscene_unregistered"
-            ir, vis = read_ir(next((base / "ir_raw").glob(stem + ".*"))), read_vis(next((base / "vi_hr").glob(stem + ".*")))
+            ir_dir, vis_dir = root / "roadscene_unregistered" / "ir_raw", root / "roadscene_unregistered" / "vi_hr"
+        elif ds.startswith("aligned-"):  # a pair of an aligned data set, as the data set aligned it
+            ir_dir, vis_dir = root / ds[len("aligned-"):] / "ir", root / ds[len("aligned-"):] / "vi"
         else:
-            base = root / "misaligned" / ds
-            ir, vis = read_ir(next((base / "ir_warp").glob(stem + ".*"))), read_vis(next((base / "vi").glob(stem + ".*")))
+            ir_dir, vis_dir = root / "misaligned" / ds / "ir_warp", root / "misaligned" / ds / "vi"
+        ir, vis = read_ir(next(ir_dir.glob(stem + ".*"))), read_vis(next(vis_dir.glob(stem + ".*")))
         reg, _, refused, _ = _register(ir, vis, model)
         if reg is None:
             print(f"docs picture {spec}: registration refused ({refused})")
@@ -153,7 +178,8 @@ def docs_pictures(root: Path, specs: list[str], folder: Path, model: str) -> lis
             before = render_overlay(ir, vis, ident, max_width=4000)[:, -w:]
             after = render_overlay(ir, vis, reg, max_width=4000)[:, -w:]
             sep = np.full((h, 6, 3), 255, np.uint8)
-            img = np.hstack([_label(before, "ir_warp as is"), sep, _label(after, "registered")])
+            first = "as the data set aligned it" if ds.startswith("aligned-") else "ir_warp as is"
+            img = np.hstack([_label(before, first), sep, _label(after, "registered")])
         path = folder / f"registration_{ds}_{stem}.png"
         _small_png(path, img)
         written.append(path)
@@ -192,6 +218,13 @@ def markdown(summary: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.rescore:
+        rows = [json.loads(line) for line in Path(args.rescore).read_text().splitlines() if line.strip()]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return write_synthetic(rescore(rows), args, out)
+    if args.synthetic:
+        return run_synthetic(args)
     root = Path(args.data) if args.data else data_root()
     if not root.is_dir():
         raise ValueError(f"{root}: no data folder (set --data or IVF_DATA)")
@@ -213,4 +246,255 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}/results.json, results.csv, table.md, overlays/")
     if args.docs:
         docs_pictures(root, args.docs_pairs, Path(args.docs), args.model)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- known answers
+
+WARP_RANGES = {"scale": (0.9, 1.15), "rotation_deg": 3.0, "shear": 0.02, "translation": 0.06, "perspective": 3e-5}
+GRID_STEP = 16
+
+
+def random_homography(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """A realistic IR warp (aligned IR px -> warped IR px) about the frame centre: scale, rotation, shear and
+    perspective terms drawn uniformly from WARP_RANGES, then a translation of up to 6% of the frame."""
+    r = WARP_RANGES
+    s, th = rng.uniform(*r["scale"]), math.radians(rng.uniform(-r["rotation_deg"], r["rotation_deg"]))
+    A = s * np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]]) @ np.array(
+        [[1.0, rng.uniform(-r["shear"], r["shear"])], [0.0, 1.0]])
+    P = np.eye(3)
+    P[:2, :2] = A
+    P[2, :2] = rng.uniform(-r["perspective"], r["perspective"], 2)
+    c = np.array([[1.0, 0, w / 2], [0, 1.0, h / 2], [0, 0, 1.0]])
+    T = np.eye(3)
+    T[:2, 2] = rng.uniform(-r["translation"], r["translation"], 2) * (w, h)
+    G = T @ c @ P @ np.linalg.inv(c)
+    return G / G[2, 2]
+
+
+def grid_error(H: np.ndarray, H_true: np.ndarray, vis_wh: tuple[int, int],
+               step: int = GRID_STEP) -> tuple[float, float]:
+    """Mean and max distance (visible px) between two IR -> visible mappings over a ``step``-px grid of the visible
+    frame (the grid points are mapped back into the IR frame by the true mapping)."""
+    gx, gy = np.meshgrid(np.arange(0, vis_wh[0], step), np.arange(0, vis_wh[1], step))
+    v = np.c_[gx.ravel(), gy.ravel()].astype(np.float64)
+    ir_pts = project(np.linalg.inv(H_true), v)
+    e = np.linalg.norm(project(H, ir_pts) - project(H_true, ir_pts), axis=1)
+    return float(e.mean()), float(e.max())
+
+
+def _synthetic_pair(task: dict) -> list[dict]:
+    """The known-answer cases of one pair (runs in a worker): warp, register, score against the true mapping."""
+    cv2.setNumThreads(1)
+    ir, vis = read_ir(task["ir"]), read_vis(task["vis"])
+    h, w = ir.shape[:2]
+    vis_wh = (vis.shape[1], vis.shape[0])
+    cfg = AutoConfig(model=task["model"], min_confidence=0.0)  # answers below the threshold are scored too
+    ref = np.asarray(task["reference"]).reshape(3, 3)
+    own = None
+    if task["self_reference"]:
+        # the same method on the unwarped pair: scores the answers without the data set's own misalignment
+        try:
+            own = calibrate_auto([(ir, vis)], cfg)[0].matrix
+        except CalibrationError:
+            pass
+    rows = []
+    for j, (warp, overlay) in enumerate(zip(task["warps"], task["overlays"])):
+        G = np.asarray(warp).reshape(3, 3)
+        iw = cv2.warpPerspective(ir, G, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        row = {"dataset": task["dataset"], "pair": task["pair"], "case": j, "warp": G.ravel().tolist()}
+        t = time.perf_counter()
+        try:
+            reg, info = calibrate_auto([(iw, vis)], cfg)
+        except CalibrationError as exc:
+            row.update(refused=str(exc), answer=False, seconds=time.perf_counter() - t)
+            rows.append(row)
+            continue
+        row["seconds"] = time.perf_counter() - t
+        mean, mx = grid_error(reg.matrix, ref @ np.linalg.inv(G), vis_wh)  # truth: warped IR px -> visible px
+        row.update(answer=True, mean_px=mean, max_px=mx, confidence=info["confidence"],
+                   refused=None if info["confidence"] >= AutoConfig.min_confidence else "confidence below threshold",
+                   **{k: info[k] for k in SYNTHETIC_INFO if k in info})
+        if not np.allclose(ref, np.eye(3)):
+            row["mean_px_vs_dataset"], row["max_px_vs_dataset"] = grid_error(reg.matrix, np.linalg.inv(G), vis_wh)
+        if own is not None:
+            row["mean_px_vs_self"], row["max_px_vs_self"] = grid_error(reg.matrix, own @ np.linalg.inv(G), vis_wh)
+        if overlay:
+            write_overlay(overlay, iw, vis, reg, max_width=1200)
+        rows.append(row)
+    return rows
+
+
+SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "coarse_ambiguity", "dense_correlation",
+                  "dense_uncertainty_px", "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
+                  "verify_matches")
+
+
+def synthetic_tasks(folders, per_pair: int, seed: int, references, model: str, limit: int = 0,
+                    overlays: int = 0, out: Path | None = None, self_reference: bool = False) -> list[dict]:
+    """The cases of the known-answer evaluation: one random homography stream per run (``seed``), in folder and
+    sorted pair order, so the same arguments give the same cases."""
+    rng = np.random.default_rng(seed)
+    per_folder = []
+    for fi, folder in enumerate(folders):
+        tasks = []
+        per_folder.append(tasks)
+        folder = Path(folder)
+        vis_dir = folder / "vi" if (folder / "vi").is_dir() else folder / "vis"
+        pairs = find_pairs(folder / "ir", vis_dir)
+        if limit:
+            pairs = pairs[:: max(1, len(pairs) // limit)][:limit]
+        ref_spec = references[fi] if references else "-"
+        ref = np.eye(3) if ref_spec == "-" else Registration.load(ref_spec).matrix
+        name = folder.name
+        for k, p in enumerate(pairs):
+            h, w = cv2.imread(str(p.ir), cv2.IMREAD_UNCHANGED).shape[:2]
+            warps = [random_homography(rng, w, h).ravel().tolist() for _ in range(per_pair)]
+            shots = [str(out / "overlays" / f"synthetic_{name}_{p.stem}_{j}.png")
+                     if out is not None and (overlays < 0 or k * per_pair + j < overlays) else None
+                     for j in range(per_pair)]
+            tasks.append({"dataset": name, "pair": p.stem, "ir": str(p.ir), "vis": str(p.vis), "warps": warps,
+                          "overlays": shots, "reference": ref.ravel().tolist(), "model": model,
+                          "self_reference": self_reference})
+    # run the folders interleaved (the warps are drawn above, so the order changes no result): a run that is cut
+    # short has covered every folder evenly
+    return [t[i] for i in range(max(map(len, per_folder), default=0)) for t in per_folder if i < len(t)]
+
+
+def synthetic_summary(rows: list[dict], limit_px: float = 3.0, wrong_px: float = 5.0,
+                      key: str = "mean_px") -> list[dict]:
+    """Per data set and over all: refusal rate, median grid error (``key``: the mean over the grid against the
+    reference, or ``mean_px_vs_self``), share of accepted answers within ``limit_px``, the worst accepted answer,
+    and how many accepted (and refused) answers are wrong (> ``wrong_px``)."""
+    out = []
+    names = list(dict.fromkeys(r["dataset"] for r in rows))
+    for ds in names + (["all"] if len(names) > 1 else []):
+        rs = [r for r in rows if ds == "all" or r["dataset"] == ds]
+        rs = [r for r in rs if not r.get("answer") or key in r]
+        acc = [r for r in rs if not r["refused"]]
+        mean = np.array([r[key] for r in acc])
+        mx = np.array([r[key.replace("mean", "max")] for r in acc])
+        wrong_refused = [r for r in rs if r["refused"] and r.get("answer") and r[key] > wrong_px]
+        out.append({"dataset": ds, "cases": len(rs), "refused": len(rs) - len(acc),
+                    "refusal_rate": (len(rs) - len(acc)) / max(len(rs), 1),
+                    "median_px": float(np.median(mean)) if acc else None,
+                    "median_max_px": float(np.median(mx)) if acc else None,
+                    "within_limit": float((mean <= limit_px).mean()) if acc else None,
+                    "max_accepted_px": float(mean.max()) if acc else None,
+                    "max_accepted_max_px": float(mx.max()) if acc else None,
+                    "accepted_wrong": int((mean > wrong_px).sum()) if acc else 0,
+                    "refused_wrong": len(wrong_refused),
+                    "seconds_per_case": float(np.mean([r["seconds"] for r in rs]))})
+    return out
+
+
+def synthetic_markdown(summary: list[dict]) -> str:
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)
+    lines = ["| data set | cases | refused | median grid error (mean / max px) | accepted <= 3 px | worst accepted "
+             "(mean / max px) | accepted > 5 px | s per case |",
+             "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: |"]
+    for s in summary:
+        lines.append(f"| {s['dataset']} | {s['cases']} | {s['refused']} ({100 * s['refusal_rate']:.1f}%) | "
+                     f"{f(s['median_px'], '.2f')} / {f(s['median_max_px'], '.2f')} | "
+                     f"{f(s['within_limit'] and 100 * s['within_limit'], '.1f')}% | "
+                     f"{f(s['max_accepted_px'], '.2f')} / {f(s['max_accepted_max_px'], '.2f')} | "
+                     f"{s['accepted_wrong']} | {s['seconds_per_case']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def confidence_markdown(rows: list[dict], edges=(0.0, 0.25, 0.5, 0.75, 0.9, 1.01)) -> str:
+    """Per data set and confidence band: answers, median grid error, share within 3 px and above 5 px."""
+    lines = ["| data set | confidence | answers | median grid error (px) | <= 3 px | > 5 px |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        rs = [r for r in rows if r["dataset"] == ds and r.get("answer")]
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            e = np.array([r["mean_px"] for r in rs if lo <= r["confidence"] < hi])
+            if len(e):
+                lines.append(f"| {ds} | {lo:.2f}-{min(hi, 1.0):.2f} | {len(e)} | {np.median(e):.2f} | "
+                             f"{100 * (e <= 3).mean():.0f}% | {100 * (e > 5).mean():.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        rs = [r for r in rows if r["dataset"] == ds and r.get("answer")]
+        ax.scatter([r["confidence"] for r in rs], [max(r["mean_px"], 0.05) for r in rs], s=8, alpha=0.6, label=ds)
+    ax.axhline(5.0, color="k", lw=0.8, ls="--")
+    ax.axvline(AutoConfig.min_confidence, color="r", lw=0.8, ls=":", label="refused below")
+    ax.set_yscale("log")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("grid error, mean over the visible frame (px)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.reference and len(args.reference) != len(args.synthetic):
+        raise ValueError(f"--reference needs one entry per --synthetic folder ({len(args.synthetic)}), "
+                         f"got {len(args.reference)}")
+    tasks = synthetic_tasks(args.synthetic, args.per_pair, args.seed, args.reference, args.model, args.limit,
+                            args.overlays, out, args.self_reference)
+    rows: list[dict] = []
+    with (out / "synthetic.jsonl").open("w") as log, tqdm(total=len(tasks), desc="registering", unit="pair") as bar:
+        def done(pair_rows):  # cases are logged as they come, so a long run can be followed (and read if cut)
+            for r in pair_rows:
+                log.write(json.dumps(r) + "\n")
+            log.flush()
+            rows.extend(pair_rows)
+            bar.update()
+        if args.jobs > 1:
+            import multiprocessing as mp
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            with mp.get_context("spawn").Pool(args.jobs) as pool:
+                for pair_rows in pool.imap(_synthetic_pair, tasks):
+                    done(pair_rows)
+        else:
+            for t in tasks:
+                done(_synthetic_pair(t))
+    return write_synthetic(rows, args, out)
+
+
+def rescore(rows: list[dict]) -> list[dict]:
+    """The logged cases with confidence and refusal recomputed by the current :func:`confidence_score` (a pure
+    function of the logged evidence), so the confidence can be re-calibrated without registering again."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r.get("answer"):
+            r["confidence"] = confidence_score(r)
+            r["refused"] = None if r["confidence"] >= AutoConfig.min_confidence else "confidence below threshold"
+        out.append(r)
+    return out
+
+
+def write_synthetic(rows: list[dict], args: argparse.Namespace, out: Path) -> int:
+    summary = synthetic_summary(rows)
+    (out / "synthetic.json").write_text(json.dumps({"seed": args.seed, "per_pair": args.per_pair,
+                                                    "warp_ranges": WARP_RANGES, "grid_step_px": GRID_STEP,
+                                                    "summary": summary, "cases": rows}, indent=1))
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "warp"))
+    with (out / "synthetic.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    table = synthetic_markdown(summary) + "\nWhat the confidence means (all answers, refused ones too):\n\n" + \
+        confidence_markdown(rows)
+    if any("mean_px_vs_self" in r for r in rows):
+        table += ("\nAgainst each pair's own registration (the unwarped pair registered by the same method):\n\n"
+                  + synthetic_markdown(synthetic_summary(rows, key="mean_px_vs_self")))
+    (out / "synthetic.md").write_text(table)
+    if args.plot:
+        _plot(rows, out / "synthetic.png")
+    print(table)
+    print(f"wrote {out}/synthetic.json, synthetic.csv, synthetic.md" + (", synthetic.png" if args.plot else ""))
     return 0
