@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .data import file_problem
 from .model import ARCHITECTURES, build_model
 
 METADATA_KEY = "ivf_ros"
@@ -143,12 +144,9 @@ def _json_metadata(path: Path, header: dict) -> dict:
 
 def _header(path: Path) -> tuple[dict, dict]:
     """(string metadata, {tensor name: (safetensors dtype, shape)}) from the file's header, no tensor data read."""
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file")
+    problem = file_problem(path, "checkpoint")
+    if problem:
+        raise CheckpointError(problem)
     try:
         with safe_open(str(path), framework="pt") as f:
             slices = {k: f.get_slice(k) for k in f.keys()}

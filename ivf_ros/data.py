@@ -8,6 +8,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+
+def file_problem(path: Path, kind: str) -> str | None:
+    """Why ``path`` cannot be read as a ``kind`` file (a directory, missing, not a regular file), or None."""
+    if path.is_dir():
+        return f"{path}: is a directory, not a {kind} file"
+    if not path.exists():
+        return f"{path}: no such {kind} file"
+    if not path.is_file():
+        return f"{path}: not a regular file"
+    return None
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 

@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 import yaml
 
+from .data import file_problem
+
 
 MAX_FILE_BYTES = 1 << 16  # a homography file is a few hundred bytes
 MAX_SIDE = 1 << 16  # largest image side a recorded size may name
@@ -141,12 +143,9 @@ class Registration:
     def load(cls, path: str | Path) -> "Registration":
         """Read a homography YAML; every problem is a ``RegistrationError`` naming the file and what is wrong."""
         path = Path(path)
-        if path.is_dir():
-            raise RegistrationError(f"{path}: is a directory, not a homography file")
-        if not path.exists():
-            raise RegistrationError(f"{path}: no such homography file")
-        if not path.is_file():
-            raise RegistrationError(f"{path}: not a regular file")
+        problem = file_problem(path, "homography")
+        if problem:
+            raise RegistrationError(problem)
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
             raise RegistrationError(f"{path}: {size} bytes is too large for a homography file "
