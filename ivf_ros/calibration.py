@@ -480,8 +480,9 @@ def _fill_padding(gray: np.ndarray, mask: np.ndarray, sigma: float = 6.0) -> np.
 
 
 def _level_features(gray: np.ndarray, mask: np.ndarray, scale: float, sigma: float):
-    """Structure channels of ``gray`` resized by ``scale``, their valid mask, and the full px -> level px matrix."""
-    g = _resize(_fill_padding(gray, mask), scale)
+    """Structure channels of ``gray`` (padding already filled) resized by ``scale``, their valid mask, and the
+    full px -> level px matrix."""
+    g = _resize(gray, scale)
     m = _resize(mask.astype(np.float32), scale) > 0.99
     m = cv2.erode(m.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     return structure_channels(g, sigma), m, _resize_matrix(gray.shape, g.shape)
@@ -516,8 +517,9 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
     larger than ``max_pixels`` use every second pixel in each direction."""
     npar = 8 if model == "homography" else 6
     vis_shape = pairs[0][1].shape[:2]
-    data = [(to_gray(ir), to_gray(vis)) for ir, vis in pairs]
-    masks = [(content_mask(gi), content_mask(gv)) for gi, gv in data]
+    grays = [(to_gray(ir), to_gray(vis)) for ir, vis in pairs]
+    masks = [(content_mask(gi), content_mask(gv)) for gi, gv in grays]
+    data = [(_fill_padding(gi, mi), _fill_padding(gv, mv)) for (gi, gv), (mi, mv) in zip(grays, masks)]
     H = np.asarray(H, np.float64) / H[2, 2]
     stats = None
     total = 0
@@ -541,7 +543,7 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
         yn_all = ((ys - (hw - 1) / 2) / half).astype(np.float32)
         Hw = [Sv @ H @ np.linalg.inv(Si) for *_, Si in levels]  # per pair: IR level px -> vis level px
         last = li == len(sides) - 1
-        for it in range(iters):
+        for _ in range(iters):
             A = np.zeros((npar, npar))
             b = np.zeros(npar)
             sse, cnt, corrs, cover = 0.0, 0, [], []
@@ -604,7 +606,7 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
         H /= H[2, 2]
         if last:
             # predicted std of the mapping: residual variance x (J^T J)^-1, per grid point (spatially correlated
-            # residuals make this optimistic by a roughly constant factor; the confidence is calibrated on it)
+            # residuals make this optimistic by a roughly constant factor; reported, not used by confidence_score)
             cov = (sse / max(cnt - npar, 1)) * np.linalg.pinv(A)
             gy_, gx_ = np.mgrid[0:hw:max(1, hw // 12), 0:ww:max(1, ww // 12)]
             px, py = _warp_basis((gx_.ravel() - (ww - 1) / 2) / half, (gy_.ravel() - (hw - 1) / 2) / half)

@@ -272,6 +272,11 @@ def random_homography(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     return G / G[2, 2]
 
 
+def _refusal(confidence: float) -> str | None:
+    """Why ``ivf calibrate`` refuses an answer of this confidence, or None when it accepts it."""
+    return None if confidence >= AutoConfig.min_confidence else "confidence below threshold"
+
+
 def grid_error(H: np.ndarray, H_true: np.ndarray, vis_wh: tuple[int, int],
                step: int = GRID_STEP) -> tuple[float, float]:
     """Mean and max distance (visible px) between two IR -> visible mappings over a ``step``-px grid of the visible
@@ -313,7 +318,7 @@ def _synthetic_pair(task: dict) -> list[dict]:
         row["seconds"] = time.perf_counter() - t
         mean, mx = grid_error(reg.matrix, ref @ np.linalg.inv(G), vis_wh)  # truth: warped IR px -> visible px
         row.update(answer=True, mean_px=mean, max_px=mx, confidence=info["confidence"],
-                   refused=None if info["confidence"] >= AutoConfig.min_confidence else "confidence below threshold",
+                   refused=_refusal(info["confidence"]),
                    **{k: info[k] for k in SYNTHETIC_INFO if k in info})
         if not np.allclose(ref, np.eye(3)):
             row["mean_px_vs_dataset"], row["max_px_vs_dataset"] = grid_error(reg.matrix, np.linalg.inv(G), vis_wh)
@@ -472,7 +477,7 @@ def rescore(rows: list[dict]) -> list[dict]:
         r = dict(r)
         if r.get("answer"):
             r["confidence"] = confidence_score(r)
-            r["refused"] = None if r["confidence"] >= AutoConfig.min_confidence else "confidence below threshold"
+            r["refused"] = _refusal(r["confidence"])
         out.append(r)
     return out
 
