@@ -51,6 +51,8 @@ class IRNormalizer:
         if mode == "auto":
             mode = "fixed" if ir.dtype == np.uint8 else "percentile"
         x = ir.astype(np.float32)
+        if mode == "fixed" and self.fixed_range is None and ir.dtype == np.uint8:
+            return x * np.float32(1.0 / 255.0)  # the common 8-bit case, per frame: already in range
         if mode == "fixed":
             lo, hi = self.fixed_range or _full_scale(ir.dtype)
         else:
@@ -65,7 +67,9 @@ class IRNormalizer:
             self._range = (lo, hi)
         scale = 1.0 / max(hi - lo, 1e-6)
         out = (x - lo) * scale
-        return np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0, out=out)
+        if ir.dtype.kind == "f":  # only float input can hold NaN or inf
+            out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
+        return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _full_scale(dtype) -> tuple[float, float]:

@@ -327,6 +327,9 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den else 0.0
 
 
+JUDGE_GROW, JUDGE_HIT_SHARE = 4, 0.2  # the segmentation judge: boxes grown by 4 px, a box found at 20%
+
+
 class BoxScorer:
     """Scores label maps against ground-truth boxes, accumulated over images.
 
@@ -342,8 +345,8 @@ class BoxScorer:
     million pixels outside them. ``mean_f()`` is the mean F over the classes (background left out).
     """
 
-    def __init__(self, classes: list[str], min_area: int = 20, iou_threshold: float = 0.5, grow: int = 4,
-                 hit_share: float = 0.2):
+    def __init__(self, classes: list[str], min_area: int = 20, iou_threshold: float = 0.5, grow: int = JUDGE_GROW,
+                 hit_share: float = JUDGE_HIT_SHARE):
         if len(classes) < 2:
             raise ValueError("BoxScorer needs the background and at least one class")
         self.classes = list(classes)
@@ -431,19 +434,23 @@ def f1_interval(scorer: BoxScorer, name: str, reference: BoxScorer | None = None
     return float(lo), float(hi)
 
 
+def _box_slices(shape: tuple[int, int], box: Box, grow: int = 0) -> tuple[slice, slice]:
+    """Rows and columns of the pixels whose centres lie inside ``box`` grown by ``grow`` px on every side."""
+    h, w = shape
+    x0, y0, x1, y1 = box
+    c0, r0, c1, r1 = (int(math.floor(v + 0.5)) for v in (x0 - grow, y0 - grow, x1 + grow, y1 + grow))
+    return slice(max(r0, 0), min(r1, h)), slice(max(c0, 0), min(c1, w))
+
+
 def _box_union(shape: tuple[int, int], boxes: list[Box], grow: int) -> np.ndarray:
     """Mask of the pixels whose centres lie inside any of ``boxes`` grown by ``grow`` px on every side."""
-    h, w = shape
-    mask = np.zeros((h, w), bool)
-    for x0, y0, x1, y1 in boxes:
-        c0, r0, c1, r1 = (int(math.floor(v + 0.5)) for v in (x0 - grow, y0 - grow, x1 + grow, y1 + grow))
-        mask[max(r0, 0) : min(r1, h), max(c0, 0) : min(c1, w)] = True
+    mask = np.zeros(shape, bool)
+    for box in boxes:
+        mask[_box_slices(shape, box, grow)] = True
     return mask
 
 
 def _box_coverage(labels: np.ndarray, class_id: int, box: Box) -> float:
     """Fraction of the pixels whose centres lie inside ``box`` that carry ``class_id`` (0 if none do lie inside)."""
-    h, w = labels.shape
-    c0, r0, c1, r1 = (int(math.floor(v + 0.5)) for v in box)  # first pixel centre inside, first one past
-    inside = labels[max(r0, 0) : min(r1, h), max(c0, 0) : min(c1, w)]
+    inside = labels[_box_slices(labels.shape, box)]
     return float((inside == class_id).mean()) if inside.size else 0.0

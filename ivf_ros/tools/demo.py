@@ -58,6 +58,8 @@ def data_streams(data: Path, frames: int) -> tuple[list[bag.CameraStream], list[
 
 
 def run(args) -> int:
+    if args.data and args.synthetic:  # before anything of an earlier run is removed
+        raise ValueError("--data and --synthetic exclude each other")
     start = time.perf_counter()
     set_threads(args.threads)
     out = Path(args.out)
@@ -67,8 +69,6 @@ def run(args) -> int:
             shutil.rmtree(ours)
     out.mkdir(parents=True, exist_ok=True)
     data = args.data or (None if args.synthetic else DEMO_DATA)
-    if args.data and args.synthetic:
-        raise ValueError("--data and --synthetic exclude each other")
     if data:
         streams, names, boxes = data_streams(Path(data), args.frames or 16)
         source = f"{data} ({len(names)} pairs)"

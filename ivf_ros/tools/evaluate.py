@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..data import find_pairs, msrs_split, read_yolo_boxes
 from ..imageops import gray_u8
-from ..metrics import FUSION_METRICS, TRIVIAL_FUSIONS, BoxScorer, fusion_metrics, to_gray
+from ..metrics import FUSION_METRICS, JUDGE_GROW, JUDGE_HIT_SHARE, TRIVIAL_FUSIONS, BoxScorer, fusion_metrics, to_gray
 from ..model import count_parameters
 from .fuse import add_pipeline_arguments, make_pipeline, read_checked_pair
 
@@ -77,8 +77,8 @@ def format_report(report: dict) -> str:
         for cls, s in report["segmentation"].items():
             lines.append(f"| {cls} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | "
                          f"{s['coverage']:.3f} | {s['tp']} | {s['fp']} | {s['fn']} |")
-        lines += ["", f"Judge (pixels inside boxes grown by 4 px, boxes >= 20% labelled): mean F "
-                  f"{report['segmentation_mean_f']:.3f}", "",
+        lines += ["", f"Judge (pixels inside boxes grown by {JUDGE_GROW} px, boxes >= {JUDGE_HIT_SHARE:.0%} "
+                  f"labelled): mean F {report['segmentation_mean_f']:.3f}", "",
                   "| class | pixel precision | box recall | F | false area per million |", "|---" * 5 + "|"]
         for cls, s in report["segmentation"].items():
             lines.append(f"| {cls} | {s['px_precision']:.3f} | {s['box_recall']:.3f} | {s['f']:.3f} | "
