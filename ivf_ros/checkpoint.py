@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .data import file_problem
+from .errors import one_line
 from .model import ARCHITECTURES, build_model
 
 METADATA_KEY = "ivf_ros"
@@ -152,7 +153,7 @@ def _header(path: Path) -> tuple[dict, dict]:
             slices = {k: f.get_slice(k) for k in f.keys()}
             return f.metadata() or {}, {k: (s.get_dtype(), s.get_shape()) for k, s in slices.items()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(exc, 200)})") from None
 
 
 def load_checkpoint(path: str | Path | None = None, device: str | torch.device = "cpu"):
@@ -164,7 +165,7 @@ def load_checkpoint(path: str | Path | None = None, device: str | torch.device =
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: weights are unreadable ({_one_line(exc)})") from None
+        raise CheckpointError(f"{path}: weights are unreadable ({one_line(exc, 200)})") from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
@@ -177,7 +178,3 @@ def _short(value) -> str:
     """A one-line, bounded description of a metadata value for error messages."""
     text = " ".join(json.dumps(value).split()) if isinstance(value, (list, dict)) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:200]

@@ -27,6 +27,7 @@ from std_msgs.msg import String
 from . import ros_image
 from .backends import ONNX_BACKENDS
 from .dds import input_qos, latched_qos, output_qos, overridable, use_fastdds_profile
+from .errors import one_line
 from .node_params import FILE_ERRORS, PARAMETERS, Settings, build_settings, change, declare
 from .node_stats import NodeStats, RateLimitedLog
 from .pipeline import FusionPipeline
@@ -36,7 +37,8 @@ from .worker import LatestWorker
 
 RESET_AFTER_S = 1.0  # a stamp going back more than this (bag loop) resets the synchroniser
 WORKER_JOIN_S = 10.0  # deactivate waits this long for a pair in progress; activate refuses until it is done
-IMAGE_OUTPUTS = ("~/fused", "~/labels", "~/labels_color", "~/camera_info")
+IMAGE_OUTPUTS = ("~/fused", "~/labels", "~/labels_color")
+LISTENED = ("~/fused", "~/labels", "~/camera_info")  # + ~/labels_color when published
 
 
 def _transition(callback):
@@ -50,7 +52,7 @@ def _transition(callback):
             node._stop()
             if callback.__name__ == "on_configure":
                 node._release_outputs()
-            node.failure = " ".join(str(exc).split()) or type(exc).__name__
+            node.failure = one_line(exc)
             node.get_logger().error(node.failure)
             return TransitionCallbackReturn.FAILURE
 
@@ -87,7 +89,7 @@ class FusionNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.settings = build_settings(self._values())
         self._set_threads()
-        for name, kind, qos in [(n, Image, output_qos) for n in IMAGE_OUTPUTS[:3]] + [
+        for name, kind, qos in [(n, Image, output_qos) for n in IMAGE_OUTPUTS] + [
                 ("~/camera_info", CameraInfo, output_qos), ("~/class_names", String, latched_qos),
                 ("/diagnostics", DiagnosticArray, output_qos)]:
             self._outputs[name] = self.create_publisher(kind, name, qos(), qos_overriding_options=overridable())
@@ -117,7 +119,7 @@ class FusionNode(LifecycleNode):
         self._checks = [StreamCheck(ch, values["max_pixels"]) for ch in (IR, VIS)]
         self._active = True
         self._worker = LatestWorker(self._process, lambda exc: self._log.warn(
-            "error", f"pair failed: {type(exc).__name__}: {' '.join(str(exc).split())}"),
+            "error", f"pair failed: {type(exc).__name__}: {one_line(exc)}"),
             name=f"fusion_worker {self.get_fully_qualified_name()}")
         kind, suffix = (CompressedImage, "/compressed") if values["transport"] == "compressed" else (Image, "")
         subscriptions = [(kind, f"ir/image{suffix}", functools.partial(self._on_image, IR)),
@@ -181,7 +183,7 @@ class FusionNode(LifecycleNode):
         try:  # a user's file may raise anything: refused with the reason, never out of this callback
             settings = change(self._values(), params, self._active)
         except FILE_ERRORS as exc:
-            return SetParametersResult(successful=False, reason=" ".join(str(exc).split()) or type(exc).__name__)
+            return SetParametersResult(successful=False, reason=one_line(exc))
         if self.settings is not None:
             self._apply(settings)
         return SetParametersResult(successful=True)
@@ -225,7 +227,7 @@ class FusionNode(LifecycleNode):
             self.stats.skipped += self._worker.put((*pair, now))
 
     def _listened_outputs(self) -> tuple[str, ...]:
-        return IMAGE_OUTPUTS if self.settings.values["publish_labels_color"] else IMAGE_OUTPUTS[:2] + IMAGE_OUTPUTS[3:]
+        return LISTENED + ("~/labels_color",) * bool(self.settings.values["publish_labels_color"])
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         try:
@@ -302,7 +304,7 @@ def main(args: list[str] | None = None) -> int:
         rclpy.init(args=args)
         node = FusionNode()
     except (_rclpy.RCLError, ParameterException, ValueError) as exc:
-        print(f"fusion_node: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"fusion_node: error: {one_line(exc)}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
     executor = SingleThreadedExecutor()

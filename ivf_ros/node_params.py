@@ -13,6 +13,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 
 from .backends import BACKENDS, ONNX_BACKENDS
 from .checkpoint import default_checkpoint, validate_checkpoint_file
+from .errors import one_line
 from .imageops import IRNormalizer
 from .pipeline import resolve_device
 from .registration import Registration
@@ -142,6 +143,6 @@ def change(current: dict, params, active: bool) -> Settings:
 
 def _one_line(exc: BaseException, path: str = "") -> str:
     """The reason in one line, naming ``path`` and, for errors other than ValueError, the kind of error."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = one_line(exc)
     text = text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
     return text if not path or path in text else f"{path}: {text}"

@@ -13,6 +13,7 @@ from collections import deque
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
+from .errors import one_line
 from .streams import IR, STREAM_NAMES, VIS
 
 WARN_PERIOD_S = 5.0  # the same problem is reported at most once per period
@@ -27,12 +28,11 @@ class Samples:
         self.values: deque[float] = deque(maxlen=size)
         self.ignored = 0
 
-    def add(self, value: float) -> bool:
-        if not self.low <= value <= self.high:
+    def add(self, value: float) -> None:
+        if self.low <= value <= self.high:
+            self.values.append(value)
+        else:
             self.ignored += 1
-            return False
-        self.values.append(value)
-        return True
 
     def reset(self) -> None:
         self.values.clear()
@@ -146,7 +146,7 @@ class RateLimitedLog:
     def bad_image(self, channel: int, exc: Exception) -> None:
         """Count and report an image that an input check refused."""
         self.stats().bad[channel] += 1
-        text = " ".join(str(exc).split())
+        text = one_line(exc)
         self.warn(f"bad{channel}:{' '.join(text.split()[:2])}", f"{STREAM_NAMES[channel]} image ignored: {text}")
 
     def guarded(self, callback):
@@ -157,6 +157,6 @@ class RateLimitedLog:
                 callback(msg)
             except Exception as exc:  # noqa: BLE001 - nothing a peer sends may stop the node
                 self.stats().errors += 1
-                self.warn("callback", f"input callback failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
+                self.warn("callback", f"input callback failed: {type(exc).__name__}: {one_line(exc)}")
 
         return run

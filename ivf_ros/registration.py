@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 
 from .data import file_problem
+from .errors import one_line
 
 
 MAX_FILE_BYTES = 1 << 16  # a homography file is a few hundred bytes
@@ -155,7 +156,7 @@ class Registration:
         except UnicodeDecodeError:
             raise RegistrationError(f"{path}: not a text file") from None
         except yaml.YAMLError as exc:
-            raise RegistrationError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:120]})") from None
+            raise RegistrationError(f"{path}: not valid YAML ({one_line(exc, 120)})") from None
         return cls.from_dict(data, str(path))
 
     @classmethod

@@ -59,13 +59,15 @@ def decode_compressed(fmt: str, data) -> np.ndarray:
     return image
 
 
+_OPENCV_ENCODINGS = {("uint8", 1): "mono8", ("uint16", 1): "mono16", ("uint8", 3): "bgr8", ("uint8", 4): "bgra8"}
+
+
 def encoding_of(image: np.ndarray) -> str:
     """The Image encoding an OpenCV array corresponds to (mono8, mono16, bgr8, bgra8)."""
     channels = 1 if image.ndim == 2 else image.shape[2]
-    known = {("uint8", 1): "mono8", ("uint16", 1): "mono16", ("uint8", 3): "bgr8", ("uint8", 4): "bgra8"}
-    if (image.dtype.name, channels) not in known:
+    if (image.dtype.name, channels) not in _OPENCV_ENCODINGS:
         raise ValueError(f"decoded image is {image.dtype.name} with {channels} channels, which has no encoding here")
-    return known[(image.dtype.name, channels)]
+    return _OPENCV_ENCODINGS[(image.dtype.name, channels)]
 
 
 def is_compressed(msg) -> bool:
@@ -94,9 +96,9 @@ class StreamCheck:
         """Stamp, encoding or format, size, step, data length and the pixel limit; returns the stamp (s)."""
         stamp = stamp_seconds(msg.header.stamp)
         if is_compressed(msg):
-            compression_of(msg.format)
+            kind = compression_of(msg.format)
             if len(msg.data) == 0:
-                raise ValueError(f"empty {compression_of(msg.format)} payload")
+                raise ValueError(f"empty {kind} payload")
         else:
             ros_image.check_fields(msg.encoding, msg.height, msg.width, msg.step, len(msg.data), self.supported)
             self._check_pixels(msg.width, msg.height)

@@ -15,18 +15,17 @@ from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
 from ivf_ros import ros_image
-from ivf_ros.dds import use_fastdds_profile
+from ivf_ros.dds import latched_qos, use_fastdds_profile
 
 # ROS_DOMAIN_ID when set (helpers running tests side by side each have their own), else a random one
 DOMAIN = int(os.environ.get("ROS_DOMAIN_ID") or random.randint(101, 199))
 RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 RNG = np.random.default_rng(0)
 OUTPUTS = ("fused", "labels", "labels_color", "camera_info")
 DEFAULTS = {"silence_timeout": 0.6, "publish_labels_color": True, "sync.slop": 0.03, "diagnostics_period": 0.5,
@@ -81,7 +80,7 @@ class Harness:
         self.got = {name: [] for name in (*OUTPUTS, "class_names", "rosout", "diagnostics")}
         for name in outputs:
             self.subscribe(name)
-        self.node.create_subscription(String, "fusion_node/class_names", self._recorder("class_names"), LATCHED)
+        self.node.create_subscription(String, "fusion_node/class_names", self._recorder("class_names"), latched_qos())
         self.node.create_subscription(Log, "/rosout", self._recorder("rosout"), RELIABLE)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._recorder("diagnostics"), RELIABLE)
         suffix = "/compressed" if image_type is CompressedImage else ""

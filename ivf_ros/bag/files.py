@@ -17,7 +17,8 @@ import numpy as np
 
 from .. import ros_image
 from ..data import PairingError, find_pairs, list_images, read_ir, read_vis
-from ..streams import IR, SUPPORTED, VIS, compression_of, stamp_seconds
+from ..errors import one_line
+from ..streams import IR, SUPPORTED, VIS, compression_of, encoding_of, stamp_seconds
 
 IR_TOPIC = "/ir/image"
 VIS_TOPIC = "/visible/image"
@@ -76,7 +77,10 @@ def compressed_message(array: np.ndarray, stamp_ns: int, frame_id: str, png: boo
     ok, data = cv2.imencode(".png" if png else ".jpg", array, [] if png else [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:
         raise BagError(f"OpenCV cannot encode a {array.dtype.name} image with shape {array.shape}")
-    encoding = "mono16" if array.dtype == np.uint16 else ("mono8" if array.ndim == 2 else "bgr8")
+    try:
+        encoding = encoding_of(array)
+    except ValueError as exc:
+        raise BagError(str(exc)) from None
     header = ts.types["std_msgs/msg/Header"](stamp=_stamp(stamp_ns), frame_id=frame_id)
     fmt = f"{encoding}; {'png' if png else 'jpeg'} compressed {encoding}"
     return ts.types[COMPRESSED_TYPE](header=header, format=fmt, data=data.ravel())
@@ -252,11 +256,6 @@ def open_bag(path: str | Path):
         raise BagError(f"{path}: not a readable rosbag2 bag: truncated, corrupt or not a bag ({one_line(exc)})"
                        f"{hint}") from None
     return reader
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) < 300 else text[:297] + "..."
 
 
 def image_topics(reader) -> dict[str, int]:
