@@ -29,14 +29,13 @@ from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.metrics import TRIVIAL_FUSIONS, BoxScorer, f1_interval, fusion_metrics, to_gray
 from ivf_ros.model import count_parameters
 
-from .datasets import Sample, to_tensors
+from .datasets import CLASSES, Sample, to_tensors
 from .distill import CONDITIONING, make_condition
 from .teachers import load_teacher, read_teacher_metadata
 from .text_priors import description_key
 from .train import load_split, resolve_root
 
 METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
-CLASSES = ["background", "person", "bicycle", "car"]
 
 
 def load_datasets(names: list[str], limit: int | None) -> dict[str, list[Sample]]:

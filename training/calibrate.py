@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ivf_ros.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.metrics import BoxScorer
 
 from .datasets import to_tensors
@@ -79,7 +78,6 @@ def main(argv=None) -> int:
     bias, before, after = calibrate(model, samples, meta["classes"])
     with torch.no_grad():
         model.seg_head.bias += torch.from_numpy(bias).float()
-    meta = read_metadata(args.checkpoint)
     meta["training"]["head_bias_offsets"] = {"offsets": [float(v) for v in bias], "objective_train_before": before,
                                              "objective_train_after": after,
                                              "method": f"training/calibrate.py on one in {args.every} pairs of the "

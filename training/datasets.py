@@ -25,6 +25,7 @@ from ivf_ros.data import find_pairs, list_images, read_ir, read_vis, read_yolo_b
 from ivf_ros.imageops import gray_u8, prepare_ir, split_luminance
 
 IGNORE = 255
+CLASSES = ["background", "person", "bicycle", "car"]  # the shipped classes (MSRS boxes)
 
 LAYOUT_CLASSES = {
     "msrs": ["unlabelled", "car", "person", "bike", "curve", "car_stop", "guardrail", "color_cone", "bump"],
@@ -88,7 +89,7 @@ def load_pairs(root: str | Path, layout: str = "pairs", classes: list[str] | Non
                stems: list[str] | None = None) -> list[Sample]:
     """Load every pair of a dataset folder into memory (optionally only ``stems``)."""
     root = Path(root)
-    classes = classes or ["background", "person", "bicycle", "car"]
+    classes = classes or CLASSES
     samples = []
     if layout == "mfnet":
         labels = list_images(root / "labels")

@@ -22,10 +22,9 @@ from tqdm import tqdm
 
 from ivf_ros.data import find_pairs, read_ir, read_vis
 
-from .datasets import CLASS_ALIASES
+from .datasets import CLASS_ALIASES, CLASSES
 from .mfnet import MFNET_CLASSES, load_mfnet, teacher_logits
 
-CLASSES = ["background", "person", "bicycle", "car"]
 TEACHER = "MFNet (Ha et al. 2017), haqishen/MFNet-pytorch final.pth, ../shared/teachers/mfnet"
 
 
@@ -38,9 +37,14 @@ def class_map(classes: list[str]) -> torch.Tensor:
     return m
 
 
+def class_probs(logits: torch.Tensor, classes: list[str]) -> torch.Tensor:
+    """9 x H x W teacher logits -> C x H x W probabilities of ``classes``."""
+    return torch.einsum("cj,jhw->chw", class_map(classes), logits.softmax(0))
+
+
 def soft_targets(logits: torch.Tensor, classes: list[str], scale: int) -> np.ndarray:
     """9 x H x W teacher logits -> uint8 C x ceil(H/scale) x ceil(W/scale) probabilities x 255 (area average)."""
-    probs = torch.einsum("cj,jhw->chw", class_map(classes), logits.softmax(0))
+    probs = class_probs(logits, classes)
     if scale > 1:
         probs = F.avg_pool2d(probs[None], scale, ceil_mode=True)[0]
     return np.round(probs.numpy() * 255).astype(np.uint8)

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ivf_ros.data import data_root, find_pairs, msrs_split, read_ir, read_vis, read_yolo_boxes
 from ivf_ros.metrics import BoxScorer
 from ivf_ros.pipeline import FusionPipeline
 
-from .label_cache import CLASSES, class_map
+from .datasets import CLASSES
+from .label_cache import class_probs
 from .mfnet import load_mfnet, teacher_logits
+from .train import load_split
 
 
 def hottest_ir(ir: np.ndarray, share: float = 0.03) -> np.ndarray:
@@ -31,21 +32,17 @@ def hottest_ir(ir: np.ndarray, share: float = 0.03) -> np.ndarray:
 
 
 def compare(checkpoints: dict[str, str], split: str = "val", teacher: bool = True) -> dict:
-    root = data_root() / "msrs"
-    pairs = find_pairs(root / "ir", root / "vi")
-    keep = set(msrs_split([p.stem for p in pairs])[1 if split == "val" else 0])
-    pairs = [p for p in pairs if p.stem in keep]
+    samples = load_split({"root": "msrs", "layout": "pairs", "split": split}, CLASSES)
     methods = {name: FusionPipeline(path, device="cpu") for name, path in checkpoints.items()}
     if teacher:
-        mfnet, lut = load_mfnet(), class_map(CLASSES)
-        methods["MFNet teacher"] = lambda ir, vis: torch.einsum("cj,jhw->chw", lut, teacher_logits(mfnet, ir, vis)
-                                                                .softmax(0)).numpy().argmax(0).astype(np.uint8)
+        mfnet = load_mfnet()
+        methods["MFNet teacher"] = lambda ir, vis: class_probs(teacher_logits(mfnet, ir, vis), CLASSES
+                                                               ).numpy().argmax(0).astype(np.uint8)
     methods["hottest 3% IR = person"] = lambda ir, vis: hottest_ir(ir)
     scorers = {name: BoxScorer(CLASSES) for name in methods}
     times = {name: [] for name in methods}
-    for i, pair in enumerate(pairs):
-        ir, vis = read_ir(pair.ir), read_vis(pair.vis)
-        boxes = read_yolo_boxes(root / "boxes" / f"{pair.stem}.txt", ir.shape[1], ir.shape[0])
+    for i, s in enumerate(samples):
+        ir, vis, boxes = s.ir, s.vis, s.boxes
         for name, method in methods.items():
             start = time.perf_counter()
             out = method(ir, vis)
@@ -59,7 +56,7 @@ def compare(checkpoints: dict[str, str], split: str = "val", teacher: bool = Tru
         result[name] = {"ms_per_pair": float(np.median(times[name])), "mean_f": scorer.mean_f(),
                         **{c: {k: s[c][k] for k in ("px_precision", "box_recall", "f", "false_ppm")}
                            for c in CLASSES[1:]}}
-    return {"pairs": len(pairs), "split": split, "methods": result}
+    return {"pairs": len(samples), "split": split, "methods": result}
 
 
 def markdown(res: dict) -> str:
