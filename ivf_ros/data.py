@@ -9,6 +9,9 @@ import cv2
 import numpy as np
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
 def file_problem(path: Path, kind: str) -> str | None:
     """Why ``path`` cannot be read as a ``kind`` file (a directory, missing, not a regular file), or None."""
     if path.is_dir():
@@ -18,8 +21,6 @@ def file_problem(path: Path, kind: str) -> str | None:
     if not path.is_file():
         return f"{path}: not a regular file"
     return None
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class PairingError(ValueError):
