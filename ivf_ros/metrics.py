@@ -412,6 +412,10 @@ class BoxScorer:
         """Mean judge F over the classes (background left out)."""
         return float(np.mean([self._judge(c)["f"] for c in range(1, len(self.classes))]))
 
+    def report(self) -> dict:
+        """What every evaluation reports: ``{"classes": summary(), "mean_f": mean_f()}``."""
+        return {"classes": self.summary(), "mean_f": self.mean_f()}
+
 
 def f1_interval(scorer: BoxScorer, name: str, reference: BoxScorer | None = None, resamples: int = 2000,
                 level: float = 0.95, seed: int = 0) -> tuple[float, float]:

@@ -65,7 +65,8 @@ def test_eval_reports_model_and_trivial_fusions_and_box_scores(pairs, tmp_path, 
     assert report["pairs"] == 3
     assert set(report["fusion"]) == {"model", "average", "max"}
     assert report["fusion"]["average"]["EN"] < report["fusion"]["max"]["EN"]
-    person = report["segmentation"]["person"]
+    person = report["segmentation"]["classes"]["person"]
+    assert 0.0 <= report["segmentation"]["mean_f"] <= 1.0
     assert person["tp"] + person["fn"] > 0
 
 

@@ -110,10 +110,9 @@ def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: 
         if has_boxes:
             first = scorers[entries[0].name]
             for name, scorer in scorers.items():
-                summary = scorer.summary()
-                rows[name].update(person_f1=summary["person"]["f1"], person_f1_interval=f1_interval(scorer, "person"),
-                                  judge={c: {k: summary[c][k] for k in ("px_precision", "box_recall", "f")}
-                                         for c in CLASSES[1:]}, mean_f=scorer.mean_f())
+                segmentation = scorer.report()
+                rows[name].update(person_f1=segmentation["classes"]["person"]["f1"],
+                                  person_f1_interval=f1_interval(scorer, "person"), segmentation=segmentation)
                 if scorer is not first:
                     rows[name]["person_f1_minus_first"] = f1_interval(scorer, "person", reference=first)
         results[dataset] = {"pairs": len(samples), "rows": rows}
@@ -136,14 +135,14 @@ def markdown(results: dict, entries: list[Entry], timings: dict[str, float], thr
                   if "person_f1" in row else "-")
             lines.append(f"| {name} | {kind} | {params} | {ms} | " + " | ".join(f"{row[k]:.3f}" for k in METRICS)
                          + f" | {f1} |")
-        judged = [(name, row) for name, row in res["rows"].items() if "judge" in row]
+        judged = [(name, row["segmentation"]) for name, row in res["rows"].items() if "segmentation" in row]
         if judged:
             lines += ["", "Judge (pixel precision / box recall / F per class, mean F):", "",
                       "| model | " + " | ".join(CLASSES[1:]) + " | mean F |", "| --- |" + " ---: |" * len(CLASSES)]
-            for name, row in judged:
+            for name, seg in judged:
                 lines.append(f"| {name} | " + " | ".join(
-                    "{px_precision:.3f} / {box_recall:.3f} / {f:.3f}".format(**row["judge"][c]) for c in CLASSES[1:])
-                    + f" | {row['mean_f']:.3f} |")
+                    "{px_precision:.3f} / {box_recall:.3f} / {f:.3f}".format(**seg["classes"][c]) for c in CLASSES[1:])
+                    + f" | {seg['mean_f']:.3f} |")
         paired = [f"{name} [{row['person_f1_minus_first'][0]:+.3f}, {row['person_f1_minus_first'][1]:+.3f}]"
                   for name, row in res["rows"].items() if "person_f1_minus_first" in row]
         if paired:

@@ -261,8 +261,7 @@ def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = Non
                     + out_names, "not_copied": skipped},
     }
     if scorer is not None:
-        report["segmentation"] = {"boxes": str(boxes_dir), "box_files_found": box_files, "classes": scorer.summary(),
-                                  "mean_f": scorer.mean_f()}
+        report["segmentation"] = {"boxes": str(boxes_dir), "box_files_found": box_files, **scorer.report()}
     _write_pictures(out, report, pipeline_ms, total_ms, per_frame, metric_names, sheet_rows, sheet_labels)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=json_default) + "\n")
     (out / "report.md").write_text(report_markdown(report))

@@ -60,8 +60,7 @@ def evaluate(args) -> dict:
         "fusion": {name: {k: v / len(pairs) for k, v in s.items()} for name, s in sums.items()},
     }
     if args.boxes:
-        report["segmentation"] = scorer.summary()
-        report["segmentation_mean_f"] = scorer.mean_f()
+        report["segmentation"] = scorer.report()
     return report
 
 
@@ -74,13 +73,13 @@ def format_report(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{values[c]:.3f}" for c in cols) + " |")
     if "segmentation" in report:
         lines += ["", "| class | precision | recall | F1 | box coverage | TP | FP | FN |", "|---" * 8 + "|"]
-        for cls, s in report["segmentation"].items():
+        for cls, s in report["segmentation"]["classes"].items():
             lines.append(f"| {cls} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | "
                          f"{s['coverage']:.3f} | {s['tp']} | {s['fp']} | {s['fn']} |")
         lines += ["", f"Judge (pixels inside boxes grown by {JUDGE_GROW} px, boxes >= {JUDGE_HIT_SHARE:.0%} "
-                  f"labelled): mean F {report['segmentation_mean_f']:.3f}", "",
+                  f"labelled): mean F {report['segmentation']['mean_f']:.3f}", "",
                   "| class | pixel precision | box recall | F | false area per million |", "|---" * 5 + "|"]
-        for cls, s in report["segmentation"].items():
+        for cls, s in report["segmentation"]["classes"].items():
             lines.append(f"| {cls} | {s['px_precision']:.3f} | {s['box_recall']:.3f} | {s['f']:.3f} | "
                          f"{s['false_ppm']:.0f} |")
     return "\n".join(lines)
