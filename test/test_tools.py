@@ -6,22 +6,16 @@ import cv2
 import numpy as np
 import pytest
 
+from helpers import copy_msrs, needs_msrs
 from ivf_ros.cli import main
-from ivf_ros.data import data_root
 
-MSRS = data_root() / "msrs"
-pytestmark = pytest.mark.skipif(not MSRS.is_dir(), reason=f"shared data not found at {MSRS} (set IVF_DATA)")
+pytestmark = needs_msrs
 STEMS = ["00008N", "00055D", "00537D"]
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    for sub, ext in (("ir", ".png"), ("vi", ".png"), ("boxes", ".txt")):
-        (root / sub).mkdir()
-        for stem in STEMS:
-            shutil.copy(MSRS / sub / f"{stem}{ext}", root / sub / f"{stem}{ext}")
-    return root
+    return copy_msrs(tmp_path_factory.mktemp("pairs"), STEMS)
 
 
 def test_fuse_writes_fused_images_labels_and_overlays(pairs, tmp_path):

@@ -8,7 +8,8 @@
         --model text_teacher=runs/distill_text/teacher.safetensors
 
 Evaluates on the MSRS validation part (``msrs_split``: 71 pairs, with person F1 from the boxes) and on TNO
-(25 pairs) at full resolution: fusion metrics, parameters and the median CPU time of one 640x480 forward pass.
+(25 pairs) at full resolution, scored as ``ivf eval`` scores (``ivf_ros.evaluation``: the fused image as served):
+fusion metrics, the judge, parameters and the median CPU time of one 640x480 forward pass.
 Teacher files are recognised by their metadata; their conditioning (prior cache or descriptions) is the one
 recorded at training time unless ``--priors`` / ``--descriptions`` say otherwise. Teacher times leave out the
 prior extraction (SAM or classic) and the text encoder. Writes the markdown table and ``<out>.json``.
@@ -22,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ivf_ros.bench import time_interleaved
 from ivf_ros.checkpoint import load_checkpoint
-from ivf_ros.metrics import TRIVIAL_FUSIONS, BoxScorer, f1_interval, fusion_metrics, to_gray
+from ivf_ros.evaluation import Scored, served
+from ivf_ros.evaluation import evaluate as evaluate_pairs
+from ivf_ros.metrics import TRIVIAL_FUSIONS, f1_interval
 from ivf_ros.model import count_parameters
 
 from .datasets import CLASSES, Sample, to_tensors
@@ -91,25 +93,23 @@ def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: 
     model after the first, the interval of its paired difference from the first."""
     results = {}
     for dataset, samples in datasets.items():
-        sums = {name: dict.fromkeys(METRICS, 0.0) for name in [*TRIVIAL_FUSIONS, *(e.name for e in entries)]}
-        scorers = {e.name: BoxScorer(CLASSES) for e in entries}
-        has_boxes = any(s.boxes is not None for s in samples)
-        for s in tqdm(samples, desc=dataset, disable=not progress):
+        def score(s: Sample, dataset=dataset) -> Scored:
             ir, vis_y, _ = to_tensors(s.ir, s.vis)
-            ir_g, vis_g = s.ir.astype(np.float64), to_gray(s.vis)
-            fused = {name: f(ir_g, vis_g) for name, f in TRIVIAL_FUSIONS.items()}
+            fused, labels = {}, {}
             for e in entries:
                 out, logits = e(description_key(dataset, s.stem), s, ir[None], vis_y[None])
-                fused[e.name] = np.round(out[0, 0].numpy() * 255.0)
+                fused[e.name] = served(out[0, 0].numpy(), s.vis)
                 if s.boxes is not None:
-                    scorers[e.name].add(logits[0].numpy().argmax(0).astype(np.uint8), s.boxes)
-            for name, f in fused.items():
-                for k, v in fusion_metrics(ir_g, vis_g, f, METRICS).items():
-                    sums[name][k] += v
-        rows = {name: {k: v / max(1, len(samples)) for k, v in m.items()} for name, m in sums.items()}
-        if has_boxes:
-            first = scorers[entries[0].name]
-            for name, scorer in scorers.items():
+                    labels[e.name] = logits[0].numpy().argmax(0).astype(np.uint8)
+            return Scored(s.ir, s.vis, fused, labels, s.boxes)
+
+        evaluation = evaluate_pairs(samples, score, [e.name for e in entries], CLASSES, METRICS, progress=progress,
+                                    desc=dataset)
+        means = evaluation.fusion()
+        rows = {name: means[name] for name in [*TRIVIAL_FUSIONS, *(e.name for e in entries)]}
+        if evaluation.boxed:
+            first = evaluation.scorers[entries[0].name]
+            for name, scorer in evaluation.scorers.items():
                 segmentation = scorer.report()
                 rows[name].update(person_f1=segmentation["classes"]["person"]["f1"],
                                   person_f1_interval=f1_interval(scorer, "person"), segmentation=segmentation)

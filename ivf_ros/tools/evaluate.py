@@ -6,11 +6,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ..data import find_pairs, msrs_split, read_yolo_boxes
+from ..evaluation import Scored
+from ..evaluation import evaluate as evaluate_pairs
 from ..imageops import gray_u8
-from ..metrics import FUSION_METRICS, JUDGE_GROW, JUDGE_HIT_SHARE, TRIVIAL_FUSIONS, BoxScorer, fusion_metrics, to_gray
+from ..metrics import FUSION_METRICS, JUDGE_GROW, JUDGE_HIT_SHARE
 from ..model import count_parameters
 from .fuse import add_pipeline_arguments, make_pipeline, read_checked_pair
 
@@ -31,36 +32,28 @@ def evaluate(args) -> dict:
         pairs = [p for p in pairs if p.stem in keep]
     pairs = pairs[: args.limit] if args.limit else pairs
     pipe = make_pipeline(args)
-    sums = {name: dict.fromkeys(FUSION_METRICS, 0.0) for name in ("model", *TRIVIAL_FUSIONS)}
-    scorer = BoxScorer(pipe.classes)
     times = []
-    for i, pair in enumerate(tqdm(pairs, desc="eval", unit="pair")):
-        ir_raw, vis = read_checked_pair(pair, args)
+
+    def score(pair) -> Scored:
+        ir, vis = read_checked_pair(pair, args)
         start = time.perf_counter()
-        result = pipe(ir_raw, vis)
-        elapsed = time.perf_counter() - start
-        if i:  # the first pair includes warm-up
-            times.append(elapsed)
-        ir = gray_u8(result.ir_registered).astype(np.float64)  # 8-bit IR, as training validation scores it
-        vis_g = to_gray(vis)
-        fused = {"model": to_gray(result.fused)}
-        fused.update({name: f(ir, vis_g) for name, f in TRIVIAL_FUSIONS.items()})
-        for name, f in fused.items():
-            for k, v in fusion_metrics(ir, vis_g, f).items():
-                sums[name][k] += v
-        if args.boxes:
-            h, w = result.labels.shape
-            scorer.add(result.labels, read_yolo_boxes(Path(args.boxes) / f"{pair.stem}.txt", w, h))
+        result = pipe(ir, vis)
+        times.append(time.perf_counter() - start)
+        h, w = result.labels.shape
+        boxes = read_yolo_boxes(Path(args.boxes) / f"{pair.stem}.txt", w, h) if args.boxes else None
+        return Scored(gray_u8(result.ir_registered), vis, {"model": result.fused}, {"model": result.labels}, boxes)
+
+    evaluation = evaluate_pairs(pairs, score, ["model"], pipe.classes)
     report = {
         "pairs": len(pairs),
         "checkpoint": str(args.checkpoint or "shipped"),
         "parameters": count_parameters(pipe.model),
         "device": str(pipe.device),
-        "ms_per_pair_median": 1000.0 * float(np.median(times)) if times else None,
-        "fusion": {name: {k: v / len(pairs) for k, v in s.items()} for name, s in sums.items()},
+        "ms_per_pair_median": 1000.0 * float(np.median(times[1:])) if times[1:] else None,  # the first warms up
+        "fusion": evaluation.fusion(),
     }
     if args.boxes:
-        report["segmentation"] = scorer.report()
+        report["segmentation"] = evaluation.segmentation("model")
     return report
 
 
