@@ -181,7 +181,7 @@ class FusionNode(LifecycleNode):
 
     def _on_set_parameters(self, params) -> SetParametersResult:
         try:  # a user's file may raise anything: refused with the reason, never out of this callback
-            settings = change(self._values(), params, self._active)
+            settings = change(self.settings, self._values(), params, self._active)
         except FILE_ERRORS as exc:
             return SetParametersResult(successful=False, reason=one_line(exc))
         if self.settings is not None:
@@ -189,16 +189,16 @@ class FusionNode(LifecycleNode):
         return SetParametersResult(successful=True)
 
     def _apply(self, settings: Settings) -> None:
-        old, new = self.settings.values, settings.values
+        old, new = self.settings, settings.values
         self.settings = settings
         if self.sync is not None:
             self.sync.queue_size, self.sync.slop = new["sync.queue_size"], new["sync.slop"]
         for check in self._checks:
             check.max_pixels = new["max_pixels"]
-        if self.pipeline is not None:
-            if any(old[k] != new[k] for k in PARAMETERS if k.startswith("ir.")):
+        if self.pipeline is not None:  # new objects only where their parameters changed
+            if settings.normalizer is not old.normalizer:
                 self.pipeline.ir_normalizer = settings.normalizer
-            if any(old[k] != new[k] for k in PARAMETERS if k.startswith("registration.")):
+            if settings.registration is not old.registration:
                 self.pipeline.registration = settings.registration
 
     # ---------------------------------------------------------------- input

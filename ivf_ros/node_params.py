@@ -95,17 +95,38 @@ class Settings:
     values: dict
 
 
-def build_settings(values: dict) -> Settings:
-    """Check parameter values together; raises ``ValueError`` with the reason."""
+IR_PARAMETERS = ("ir.normalization", "ir.fixed_range", "ir.percentiles", "ir.smoothing")
+REGISTRATION_PARAMETERS = ("registration.homography", "registration.file")
+
+
+def build_settings(values: dict, previous: Settings | None = None) -> Settings:
+    """Check parameter values together; raises ``ValueError`` with the reason. What ``previous`` (settings already
+    checked) holds for unchanged values is kept: their files (checkpoint, ONNX, homography) are not read again."""
     values = {name: values[name] for name in PARAMETERS}
+
+    def changed(*names: str) -> bool:
+        return previous is None or any(previous.values[name] != values[name] for name in names)
+
     for name, spec in PARAMETERS.items():
         if spec.choices and values[name] not in spec.choices:
             raise ValueError(f"{name} must be one of {', '.join(spec.choices)}, not '{values[name]}'")
     resolve_device(values["device"])
     if values["backend"] in ONNX_BACKENDS and importlib.util.find_spec("onnxruntime") is None:
         raise ValueError(f"backend '{values['backend']}' needs the onnxruntime package, which is not installed")
-    if values["onnx_path"] and not Path(values["onnx_path"]).expanduser().is_file():
+    if changed("onnx_path") and values["onnx_path"] and not Path(values["onnx_path"]).expanduser().is_file():
         raise ValueError(f"onnx_path: {values['onnx_path']}: no such ONNX file")
+    normalizer = _normalizer(values) if changed(*IR_PARAMETERS) else previous.normalizer
+    if changed("checkpoint"):
+        checkpoint = str(values["checkpoint"] or default_checkpoint())
+        try:  # the header only: cheap, and a bad file is refused when it is set, not at the next activate
+            validate_checkpoint_file(checkpoint)
+        except FILE_ERRORS as exc:
+            raise ValueError(f"checkpoint: {_one_line(exc, checkpoint)}") from None
+    registration = _registration(values) if changed(*REGISTRATION_PARAMETERS) else previous.registration
+    return Settings(normalizer, registration, values)
+
+
+def _normalizer(values: dict) -> IRNormalizer:
     for key, field in (("ir.fixed_range", "fixed_range"), ("ir.percentiles", "percentiles")):
         if len(values[key]) != 2:
             raise ValueError(f"{key} must be [low, high], got {len(values[key])} numbers")
@@ -113,28 +134,26 @@ def build_settings(values: dict) -> Settings:
             IRNormalizer(**{field: values[key]}, smoothing=float(values["ir.smoothing"]))
         except ValueError as exc:
             raise ValueError(f"{key}: {exc}") from None
-    normalizer = IRNormalizer(values["ir.normalization"], values["ir.fixed_range"], values["ir.percentiles"],
-                              float(values["ir.smoothing"]))
-    checkpoint = str(values["checkpoint"] or default_checkpoint())
-    try:  # the header only: cheap, and a bad file is refused when it is set, not at the next activate
-        validate_checkpoint_file(checkpoint)
-    except FILE_ERRORS as exc:
-        raise ValueError(f"checkpoint: {_one_line(exc, checkpoint)}") from None
+    return IRNormalizer(values["ir.normalization"], values["ir.fixed_range"], values["ir.percentiles"],
+                        float(values["ir.smoothing"]))
+
+
+def _registration(values: dict) -> Registration:
     try:
         if values["registration.file"]:
-            registration = Registration.load(values["registration.file"])
-        else:
-            registration = Registration.from_flat(values["registration.homography"])
+            return Registration.load(values["registration.file"])
+        return Registration.from_flat(values["registration.homography"])
     except FILE_ERRORS as exc:
         raise ValueError(f"registration: {_one_line(exc, values['registration.file'])}") from None
-    return Settings(normalizer, registration, values)
 
 
-def change(current: dict, params, active: bool) -> Settings:
-    """The settings once ``params`` (rclpy Parameters) are set; ``ValueError`` with the reason when refused."""
-    values = dict(current)
+def change(current: Settings | None, values: dict, params, active: bool) -> Settings:
+    """The settings once ``params`` (rclpy Parameters) are set on top of ``values``; ``current`` (the settings in
+    use, if any) saves re-reading files whose parameters do not change. ``ValueError`` with the reason when
+    refused."""
+    values = dict(values)
     values.update({p.name: p.value for p in params if p.name in PARAMETERS})
-    settings = build_settings(values)
+    settings = build_settings(values, current)
     frozen = [p.name for p in params if p.name in PARAMETERS and not PARAMETERS[p.name].live]
     if active and frozen:
         raise ValueError(f"{', '.join(frozen)} can only change while the node is inactive")

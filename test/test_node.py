@@ -3,6 +3,7 @@ subprocess, and talks to it through topics, /rosout, /diagnostics and the parame
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -356,6 +357,26 @@ def test_parameters_over_the_service_apply_live(launch, tmp_path):
     logs = h.count("rosout")
     h.good_pair()
     assert h.wait(lambda: h.logs(logs, "160x120 image has 19200 pixels, more than max_pixels 10000"))
+
+
+def test_a_live_change_reads_only_the_files_of_the_parameters_it_changes(launch, tmp_path):
+    checkpoint, homography = tmp_path / "model.safetensors", tmp_path / "h.yaml"
+    shutil.copy(default_checkpoint(), checkpoint)
+    homography.write_text("homography: [[1, 0, 3], [0, 1, 0], [0, 0, 1]]\n")
+    node, h = launch(checkpoint=str(checkpoint), **{"registration.file": str(homography)})
+    registration, normalizer = node.pipeline.registration, node.pipeline.ir_normalizer
+    checkpoint.unlink()  # neither file could be read any more
+    homography.write_text("42\n")
+    for name, val in (("sync.slop", 0.04), ("max_pixels", 1_000_000), ("publish_labels_color", False)):
+        result = h.set_remote(name, val)
+        assert result.successful, f"{name}: {result.reason}"
+    assert node.pipeline.registration is registration and node.pipeline.ir_normalizer is normalizer
+    assert h.set_remote("ir.smoothing", 0.5).successful and node.pipeline.ir_normalizer is not normalizer
+    assert node.pipeline.registration is registration
+    start = h.count("fused")
+    assert h.fused_stamp(h.good_pair(), start)
+    result = h.set_remote("registration.homography", [1.0, 0.0, 5.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    assert not result.successful and result.reason.startswith(f"registration: {homography}")  # read again
 
 
 def test_invalid_backend_is_rejected_at_run_time_and_the_node_keeps_running(launch):
