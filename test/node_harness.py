@@ -125,7 +125,12 @@ class Harness:
         return [m.msg for m in self.since("rosout", start) if m.name == name and text in m.msg]
 
     def fused_stamp(self, stamp, start=0, topic="fused"):
-        return self.wait(lambda: any(stamp_ns(m) == stamp for m in self.since(topic, start)))
+        """The message on ``topic`` (from the ``start``-th on) with ``stamp``, waited for; None if none came."""
+        def found():
+            return next((m for m in self.since(topic, start) if stamp_ns(m) == stamp), None)
+
+        self.wait(lambda: found() is not None)
+        return found()
 
     def wait(self, predicate, timeout=10.0):
         deadline = time.monotonic() + timeout

@@ -6,11 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import META, write_checkpoint
 from ivf_ros.checkpoint import (CheckpointError, default_checkpoint, load_checkpoint, read_metadata, save_checkpoint,
                                  validate_checkpoint_file)
 from ivf_ros.model import FusionStudent
-
-META = {"classes": ["background", "person"], "palette": [[0, 0, 0], [255, 0, 0]], "training": {"data": "test"}}
 
 
 def test_round_trip_keeps_weights_and_metadata(tmp_path):
@@ -70,11 +69,8 @@ def test_file_without_metadata(tmp_path):
 
 
 def test_weights_that_do_not_match_the_architecture(tmp_path):
-    path = save_checkpoint(tmp_path / "m.safetensors", FusionStudent(num_classes=2, width=8), META)
-    meta = read_metadata(path)
-    meta["hyper_parameters"]["width"] = 16  # claims another width than the stored tensors have
-    tensors = {k: v for k, v in FusionStudent(num_classes=2, width=8).state_dict().items()}
-    save_file(tensors, str(path), metadata={"ivf_ros": json.dumps(meta)})
+    # claims another width than the stored tensors have
+    path = write_checkpoint(tmp_path / "m.safetensors", {"hyper_parameters": {"num_classes": 2, "width": 16}})
     with pytest.raises(CheckpointError, match="shape"):
         load_checkpoint(path)
 
@@ -98,18 +94,6 @@ def test_header_length_lies(tmp_path):
         read_metadata(path)
 
 
-def _write(path, meta_changes=None, tensor_change=None):
-    """A width-8 checkpoint with some metadata entries replaced and/or one tensor transformed."""
-    model = FusionStudent(num_classes=2, width=8)
-    save_checkpoint(path, model, META)
-    meta = {**read_metadata(path), **(meta_changes or {})}
-    tensors = dict(model.state_dict())
-    if tensor_change:
-        tensors["coeff_head.weight"] = tensor_change(tensors["coeff_head.weight"])
-    save_file(tensors, str(path), metadata={"ivf_ros": json.dumps(meta)})
-    return path
-
-
 @pytest.mark.parametrize("change, reason", [
     (lambda t: torch.full_like(t, float("nan")), "NaN or infinite"),
     (lambda t: torch.full_like(t, float("inf")), "NaN or infinite"),
@@ -117,7 +101,7 @@ def _write(path, meta_changes=None, tensor_change=None):
     (lambda t: t.to(torch.bool), "stored as BOOL"),
 ])
 def test_weights_must_be_finite_floats(tmp_path, change, reason):
-    path = _write(tmp_path / "w.safetensors", tensor_change=change)
+    path = write_checkpoint(tmp_path / "w.safetensors", tensor_change=change)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     assert "w.safetensors" in _one_line(err.value) and reason in str(err.value)
@@ -140,7 +124,7 @@ def test_weights_must_be_finite_floats(tmp_path, change, reason):
     ({"palette": "red"}, "palette must be a list"),
 ])
 def test_metadata_types_and_ranges_are_checked_before_building(tmp_path, changes, reason):
-    path = _write(tmp_path / "m.safetensors", changes)
+    path = write_checkpoint(tmp_path / "m.safetensors", changes)
     for check in (read_metadata, validate_checkpoint_file, load_checkpoint):
         with pytest.raises(CheckpointError) as err:
             check(path)
@@ -148,14 +132,14 @@ def test_metadata_types_and_ranges_are_checked_before_building(tmp_path, changes
 
 
 def test_header_only_check_sees_shapes_and_dtypes_but_reads_no_weights(tmp_path):
-    good = _write(tmp_path / "good.safetensors")
+    good = write_checkpoint(tmp_path / "good.safetensors")
     assert validate_checkpoint_file(good)["classes"] == META["classes"]
-    nan = _write(tmp_path / "nan.safetensors", tensor_change=lambda t: torch.full_like(t, float("nan")))
+    nan = write_checkpoint(tmp_path / "nan.safetensors", tensor_change=lambda t: torch.full_like(t, float("nan")))
     assert validate_checkpoint_file(nan)["architecture"] == "ivf_coeffnet"  # values are only read by loading
     with pytest.raises(CheckpointError, match="stored as I32"):
-        validate_checkpoint_file(_write(tmp_path / "i.safetensors", tensor_change=lambda t: t.to(torch.int32)))
+        validate_checkpoint_file(write_checkpoint(tmp_path / "i.safetensors", tensor_change=lambda t: t.to(torch.int32)))
     with pytest.raises(CheckpointError, match="shape"):
-        validate_checkpoint_file(_write(tmp_path / "s.safetensors", tensor_change=lambda t: t[:1]))
+        validate_checkpoint_file(write_checkpoint(tmp_path / "s.safetensors", tensor_change=lambda t: t[:1]))
 
 
 def test_directory_and_device_are_not_checkpoints(tmp_path):

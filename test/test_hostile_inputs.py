@@ -9,19 +9,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from ivf_ros.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from helpers import META, MSRS, copy_msrs, needs_msrs, write_checkpoint
+from ivf_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ivf_ros.cli import main
-from ivf_ros.data import PairingError, data_root, find_pairs, read_vis
+from ivf_ros.data import PairingError, find_pairs, read_vis
 from ivf_ros.imageops import IRNormalizer, write_image
 from ivf_ros.model import FusionStudent
 from ivf_ros.pipeline import FusionPipeline
 from ivf_ros.registration import Registration, RegistrationError
-
-MSRS = data_root() / "msrs"
-needs_data = pytest.mark.skipif(not MSRS.is_dir(), reason=f"shared data not found at {MSRS} (set IVF_DATA)")
-META = {"classes": ["background", "person"], "palette": [[0, 0, 0], [255, 0, 0]]}
 
 
 @pytest.fixture
@@ -109,16 +105,6 @@ def test_fuse_with_a_bad_homography_prints_one_line(pair_dirs, tmp_path, capsys)
 
 # -------------------------------------------------------------------------------------------------- checkpoints
 
-def _bad_checkpoint(path, meta_changes=None, weight=None):
-    model = FusionStudent(num_classes=2, width=8)
-    save_checkpoint(path, model, META)
-    tensors = dict(model.state_dict())
-    if weight is not None:
-        tensors["seg_head.weight"] = weight(tensors["seg_head.weight"])
-    save_file(tensors, str(path), metadata={"ivf_ros": json.dumps({**read_metadata(path), **(meta_changes or {})})})
-    return path
-
-
 @pytest.mark.parametrize("meta_changes, weight, reason", [
     (None, lambda t: torch.full_like(t, float("nan")), "NaN or infinite"),
     (None, lambda t: t.to(torch.int32), "stored as I32"),
@@ -128,7 +114,7 @@ def _bad_checkpoint(path, meta_changes=None, weight=None):
     ({"classes": 2}, None, "classes must be a non-empty list"),
 ])
 def test_fuse_with_a_bad_checkpoint_prints_one_line(pair_dirs, tmp_path, capsys, meta_changes, weight, reason):
-    path = _bad_checkpoint(tmp_path / "bad.safetensors", meta_changes, weight)
+    path = write_checkpoint(tmp_path / "bad.safetensors", meta_changes, weight)
     assert _fuse(pair_dirs, tmp_path / "o", "--checkpoint", str(path)) == 2
     err = _one_error_line(capsys)
     assert "bad.safetensors" in err and reason in err
@@ -136,7 +122,7 @@ def test_fuse_with_a_bad_checkpoint_prints_one_line(pair_dirs, tmp_path, capsys,
 
 
 def test_info_on_bad_metadata_is_one_line(tmp_path, capsys):
-    path = _bad_checkpoint(tmp_path / "bad.safetensors", {"palette": [[0, 0, 0], "red"]})
+    path = write_checkpoint(tmp_path / "bad.safetensors", {"palette": [[0, 0, 0], "red"]})
     assert main(["info", str(path)]) == 2
     assert "palette colour 1" in _one_error_line(capsys)
 
@@ -231,7 +217,7 @@ def test_fuse_fixed_ir_norm_on_8_bit_ir_is_full_scale(pair_dirs, tmp_path, capsy
 
 # ------------------------------------------------------------- one image preparation for training and serving
 
-@needs_data
+@needs_msrs
 @pytest.mark.parametrize("bits", [8, 16])
 def test_training_prepares_images_as_the_served_pipeline_does(tmp_path, bits):
     from training.datasets import load_pairs, to_tensors
@@ -256,15 +242,12 @@ def test_training_prepares_images_as_the_served_pipeline_does(tmp_path, bits):
     assert np.array_equal(vis_y[0].numpy(), served_y)
 
 
-@needs_data
+@needs_msrs
 def test_training_validation_scores_what_ivf_eval_scores(tmp_path):
     from training.datasets import load_pairs
     from training.validate import VALIDATION_METRICS, validate
 
-    for sub in ("ir", "vi"):
-        (tmp_path / sub).mkdir()
-        for stem in ("00008N", "00055D"):
-            shutil.copy(MSRS / sub / f"{stem}.png", tmp_path / sub / f"{stem}.png")
+    copy_msrs(tmp_path, ["00008N", "00055D"])
     assert main(["eval", "--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"), "--device", "cpu",
                  "--json", str(tmp_path / "r.json")]) == 0
     served = json.loads((tmp_path / "r.json").read_text())["fusion"]["model"]
@@ -308,7 +291,7 @@ def _steps(path):
     return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
 
-@needs_data
+@needs_msrs
 def test_resume_and_rerun_log_every_step_once(tmp_path):
     from training.train import load_config, train
 

@@ -21,6 +21,7 @@ from rclpy.qos import ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 import ivf_ros.node as node_module
+from helpers import corrupt_checkpoint
 from ivf_ros import ros_image
 from ivf_ros.checkpoint import default_checkpoint
 from ivf_ros.node import FusionNode
@@ -125,9 +126,8 @@ def test_compressed_transport_jpeg_visible_and_16bit_png_ir(launch):
     warm_up(h, publish=publish)
     start = {name: h.count(name) for name in ("fused", "labels")}
     sent = [publish()]
-    assert h.wait(lambda: h.count("labels") > start["labels"] and any(
-        stamp_ns(m) == sent[0] for m in h.since("fused", start["fused"])))
-    fused = [m for m in h.since("fused", start["fused"]) if stamp_ns(m) == sent[0]][0]
+    fused = h.fused_stamp(sent[0], start["fused"])
+    assert fused and h.wait(lambda: h.count("labels") > start["labels"])
     assert (fused.encoding, fused.width, fused.height, fused.header.frame_id) == ("bgr8", 160, 120, "camera")
     assert stamp_ns(h.since("labels", start["labels"])[-1]) == sent[0]
 
@@ -136,8 +136,8 @@ def test_full_size_visible_with_smaller_ir(launch):
     node, h = launch()
     start = h.count("fused")
     stamp = h.pair(ir16(256, 320), "mono16", bgr(480, 640), "bgr8")
-    assert h.fused_stamp(stamp, start)
-    msg = [m for m in h.since("fused", start) if stamp_ns(m) == stamp][0]
+    msg = h.fused_stamp(stamp, start)
+    assert msg, "no fused image with the pair's stamp"
     assert (msg.width, msg.height, msg.encoding) == (640, 480, "bgr8")
     assert ros_image.image_to_array(msg).shape == (480, 640, 3)
 
@@ -149,8 +149,8 @@ def test_gray_visible_and_float_ir_with_nan(launch):
     ir[:5, :5] = np.nan
     ir[10, 10] = np.inf
     stamp = h.pair(ir, "32FC1", RNG.integers(0, 256, (120, 160), dtype=np.uint8), "mono8")
-    assert h.fused_stamp(stamp, start)
-    msg = [m for m in h.since("fused", start) if stamp_ns(m) == stamp][0]
+    msg = h.fused_stamp(stamp, start)
+    assert msg, "no fused image with the pair's stamp"
     assert (msg.encoding, msg.width, msg.height) == ("mono8", 160, 120)
     assert h.wait(lambda: h.logs(logs, "26 NaN/inf pixels"))
 
@@ -159,8 +159,8 @@ def test_false_colour_ir_and_bgra_visible(launch):
     node, h = launch()
     start = h.count("fused")
     stamp = h.pair(bgr(120, 160), "rgb8", RNG.integers(0, 256, (120, 160, 4), dtype=np.uint8), "bgra8")
-    assert h.fused_stamp(stamp, start)
-    msg = [m for m in h.since("fused", start) if stamp_ns(m) == stamp][0]
+    msg = h.fused_stamp(stamp, start)
+    assert msg, "no fused image with the pair's stamp"
     assert (msg.encoding, msg.width, msg.height) == ("bgr8", 160, 120)
 
 
@@ -439,8 +439,7 @@ def test_deactivate_releases_the_model_and_activate_resumes(launch):
 def test_checkpoint_set_while_inactive_is_checked_at_set_time(launch, tmp_path):
     node, h = launch(warm=False)
     assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
-    corrupt = tmp_path / "corrupt.safetensors"
-    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + bytes(64))
+    corrupt = corrupt_checkpoint(tmp_path / "corrupt.safetensors")
     for path, reason in ((tmp_path / "missing.safetensors", "no such checkpoint file"),
                          (corrupt, "not a readable safetensors file"), (tmp_path, "")):
         result = h.set_remote("checkpoint", str(path))
@@ -478,8 +477,7 @@ def test_deactivate_during_a_slow_pair_never_leaves_two_workers(launch, monkeypa
 @pytest.fixture(scope="module")
 def refused(tmp_path_factory):
     """Nodes that must refuse to start, started together (each takes seconds to import torch here)."""
-    corrupt = tmp_path_factory.mktemp("ckpt") / "corrupt.safetensors"
-    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + bytes(64))
+    corrupt = corrupt_checkpoint(tmp_path_factory.mktemp("ckpt") / "corrupt.safetensors")
     procs = {
         "missing": _start_subprocess("-p", "checkpoint:=/nonexistent/model.safetensors", "-r", "__ns:=/missing"),
         "corrupt": _start_subprocess("-p", f"checkpoint:={corrupt}", "-r", "__ns:=/corrupt"),
