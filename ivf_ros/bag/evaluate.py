@@ -20,9 +20,9 @@ from ..imageops import gray_u8
 from ..metrics import FUSION_METRICS, TRIVIAL_FUSIONS, BoxScorer, fusion_metrics, to_gray
 from ..streams import IR, MAX_PIXELS, VIS, StreamCheck
 from ..viz import draw_boxes
-from .files import (IMAGE_TYPE, IR_ENCODINGS, STORAGES, VIS_ENCODINGS, BagError, check_first_encoding, copy_connection,
-                    frame_names, image_message, image_topics, json_default, one_line, open_bag, output_topics,
-                    percentiles, pick_topics, prepare_output, spread, storage_of, typestore)
+from .files import (IMAGE_TYPE, STORAGES, BagError, camera_topics, copy_connection, frame_names, image_message,
+                    image_topics, json_default, one_line, open_bag, output_topics, percentiles, prepare_output, spread,
+                    storage_of, typestore)
 
 
 def stream_rate(stamps: Sequence[float]) -> float | None:
@@ -100,9 +100,7 @@ def evaluate_bag(bag: str | Path, out: str | Path, *, ir_topic: str | None = Non
         raise BagError(f"metrics_every must be at least 1, not {metrics_every}")
     reader = open_bag(bag)
     try:
-        ir_topic, vis_topic = pick_topics(reader, ir_topic, vis_topic)
-        check_first_encoding(reader, ir_topic, IR_ENCODINGS)
-        check_first_encoding(reader, vis_topic, VIS_ENCODINGS)
+        ir_topic, vis_topic = camera_topics(reader, ir_topic, vis_topic)
         names = frame_names(reader)
         boxes_dir = Path(boxes) if boxes else None
         if boxes_dir is not None and not boxes_dir.is_dir():

@@ -299,6 +299,14 @@ def pick_topics(reader, ir_topic: str | None = None, vis_topic: str | None = Non
     return ir, vis
 
 
+def camera_topics(reader, ir_topic: str | None = None, vis_topic: str | None = None) -> tuple[str, str]:
+    """The IR and visible topics (``pick_topics``), the first image of each checked for a supported encoding."""
+    ir, vis = pick_topics(reader, ir_topic, vis_topic)
+    check_first_encoding(reader, ir, IR_ENCODINGS)
+    check_first_encoding(reader, vis, VIS_ENCODINGS)
+    return ir, vis
+
+
 def frame_names(reader) -> list[str] | None:
     """Visible frame names stored by ``ivf bag make`` (None for other bags)."""
     custom = getattr(getattr(reader.storage, "metadata", None), "custom", None) or {}

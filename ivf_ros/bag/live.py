@@ -12,9 +12,9 @@ from typing import Sequence
 
 from .. import ros_image
 from ..streams import IR, VIS, StreamCheck
-from .files import (COMPRESSED_TYPE, IMAGE_TYPE, IMAGE_TYPES, INFO_TYPE, IR_ENCODINGS, VIS_ENCODINGS, BagError,
-                    check_first_encoding, copy_connection, image_topics, json_default, open_bag, output_topics,
-                    percentiles, pick_topics, prepare_output, spread, storage_of, typestore)
+from .files import (COMPRESSED_TYPE, IMAGE_TYPE, IMAGE_TYPES, INFO_TYPE, BagError, camera_topics, copy_connection,
+                    image_topics, json_default, open_bag, output_topics, percentiles, prepare_output, spread,
+                    storage_of, typestore)
 
 # -------------------------------------------------------------------------------------------------- ROS replay
 
@@ -156,9 +156,7 @@ def evaluate_live(bag: str | Path, out: str | Path, *, ir_topic: str | None = No
     bag, out = Path(bag), Path(out)
     reader = open_bag(bag)
     try:
-        ir_topic, vis_topic = pick_topics(reader, ir_topic, vis_topic)
-        check_first_encoding(reader, ir_topic, IR_ENCODINGS)
-        check_first_encoding(reader, vis_topic, VIS_ENCODINGS)
+        ir_topic, vis_topic = camera_topics(reader, ir_topic, vis_topic)
         expected, rejected = _expected_pairs(reader, ir_topic, vis_topic,
                                              ApproximateTimeSynchronizer(queue_size, slop))
         counts = image_topics(reader)
