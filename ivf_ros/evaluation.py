@@ -39,7 +39,8 @@ class Evaluation:
     def __init__(self, models: list[str], classes: list[str], metrics=FUSION_METRICS, trivial: bool = True):
         self.metrics = tuple(metrics)
         self.trivial = trivial
-        self.sums = {name: dict.fromkeys(self.metrics, 0.0) for name in (*models, *(TRIVIAL_FUSIONS if trivial else ()))}
+        names = (*models, *TRIVIAL_FUSIONS) if trivial else tuple(models)
+        self.sums = {name: dict.fromkeys(self.metrics, 0.0) for name in names}
         self.scorers = {name: BoxScorer(classes) for name in models}
         self.pairs = self.boxed = 0  # pairs added; of those, pairs with boxes
 

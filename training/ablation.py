@@ -93,7 +93,7 @@ def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: 
     model after the first, the interval of its paired difference from the first."""
     results = {}
     for dataset, samples in datasets.items():
-        def score(s: Sample, dataset=dataset) -> Scored:
+        def score(s: Sample) -> Scored:  # called within this iteration: ``dataset`` is this one
             ir, vis_y, _ = to_tensors(s.ir, s.vis)
             fused, labels = {}, {}
             for e in entries:
