@@ -50,7 +50,7 @@ def test_fuse_refuses_unmatched_pairs_and_size_mismatch(pairs, tmp_path, capsys)
 
 
 def test_eval_reports_model_and_trivial_fusions_and_box_scores(pairs, tmp_path, capsys):
-    report_path = tmp_path / "r.json"
+    report_path = tmp_path / "new" / "r.json"  # a folder that does not exist yet
     assert main(["eval", "--ir", str(pairs / "ir"), "--vis", str(pairs / "vi"), "--boxes", str(pairs / "boxes"),
                  "--json", str(report_path), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out

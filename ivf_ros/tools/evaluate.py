@@ -79,6 +79,8 @@ def format_report(report: dict) -> str:
 
 
 def run(args) -> int:
+    if args.json:  # fail before the evaluation, not after it
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     report = evaluate(args)
     print(format_report(report))
     if args.json:
