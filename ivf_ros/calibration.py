@@ -221,6 +221,16 @@ def project(H: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return p[:, :2] / p[:, 2:3]
 
 
+def grid_error(H: np.ndarray, H_ref: np.ndarray, vis_wh: tuple[int, int], step: float = 16) -> tuple[float, float]:
+    """Mean and max distance (visible px) between two IR -> visible mappings over a ``step``-px grid of the visible
+    frame (the grid points are mapped back into the IR frame by ``H_ref``)."""
+    gx, gy = np.meshgrid(np.arange(0, vis_wh[0], step), np.arange(0, vis_wh[1], step))
+    v = np.c_[gx.ravel(), gy.ravel()].astype(np.float64)
+    ir_pts = project(np.linalg.inv(H_ref), v)
+    e = np.linalg.norm(project(H, ir_pts) - project(H_ref, ir_pts), axis=1)
+    return float(e.mean()), float(e.max())
+
+
 def read_points_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """CSV of point pairs: ``ir_x, ir_y, vis_x, vis_y`` per row; a header row and ``#`` comments are allowed."""
     path = Path(path)
@@ -479,6 +489,35 @@ def _fill_padding(gray: np.ndarray, mask: np.ndarray, sigma: float = 6.0) -> np.
     return np.where(mask, gray, fill).astype(np.float32)
 
 
+class _Frames:
+    """The pairs prepared once for dense refinement: gray frames with padding filled, their content masks, and the
+    structure channels per working resolution (cached, so a second refinement reuses them)."""
+
+    def __init__(self, pairs):
+        self.vis_shape = pairs[0][1].shape[:2]
+        self.data = []
+        for ir, vis in pairs:
+            gi, gv = to_gray(ir), to_gray(vis)
+            mi, mv = content_mask(gi), content_mask(gv)
+            self.data.append((_fill_padding(gi, mi), mi, _fill_padding(gv, mv), mv))
+        self._cache = {}
+
+    def level(self, side: int, ir_scale_hint: float, sigma: float) -> list:
+        """Per pair: (visible channels, visible mask, IR channels, IR mask (uint8), full px -> level px matrices
+        of the visible and the IR frame). The IR is resized to about the visible level's pixel size."""
+        a = min(1.0, side / max(self.vis_shape))
+        k = round(min(1.0, a * ir_scale_hint), 2)
+        key = (side, k, sigma)
+        if key not in self._cache:
+            out = []
+            for gi, mi, gv, mv in self.data:
+                fv, vm, Sv = _level_features(gv, mv, a, sigma)
+                fi, im, Si = _level_features(gi, mi, k, sigma)
+                out.append((fv, vm, fi, im.astype(np.uint8), Sv, Si))
+            self._cache[key] = out
+        return self._cache[key]
+
+
 def _level_features(gray: np.ndarray, mask: np.ndarray, scale: float, sigma: float):
     """Structure channels of ``gray`` (padding already filled) resized by ``scale``, their valid mask, and the
     full px -> level px matrix."""
@@ -509,30 +548,20 @@ class DenseResult:
     iterations: int
 
 
-def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 400, 640), iters: int = 10,
+def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 400, 640), iters: int = 10,
                  max_pixels: int = 80000, prior: float = 0.2) -> DenseResult:
     """Refine the IR -> visible matrix on the whole frame: Gauss-Newton maximising the correlation of the structure
     channels of the warped IR and the visible frames over their valid overlap (black padding masked), coarse to
-    fine; several pairs of one rig are pooled into one system. ``model`` affine keeps the last row fixed. Levels
-    larger than ``max_pixels`` use every second pixel in each direction."""
+    fine; several pairs of one rig are pooled into one system. ``frames``: a :class:`_Frames` or a list of (ir, vis)
+    pairs. ``model`` affine keeps the last row fixed. Levels larger than ``max_pixels`` use every second pixel in
+    each direction."""
+    frames = frames if isinstance(frames, _Frames) else _Frames(frames)
     npar = 8 if model == "homography" else 6
-    vis_shape = pairs[0][1].shape[:2]
-    grays = [(to_gray(ir), to_gray(vis)) for ir, vis in pairs]
-    masks = [(content_mask(gi), content_mask(gv)) for gi, gv in grays]
-    data = [(_fill_padding(gi, mi), _fill_padding(gv, mv)) for (gi, gv), (mi, mv) in zip(grays, masks)]
     H = np.asarray(H, np.float64) / H[2, 2]
     stats = None
     total = 0
     for li, side in enumerate(sides):
-        a = min(1.0, side / max(vis_shape))
-        sigma = 1.5 if li == 0 else 1.0
-        s_h = math.sqrt(abs(np.linalg.det(H[:2, :2])))
-        k = min(1.0, a * s_h)
-        levels = []
-        for (gi, gv), (mi, mv) in zip(data, masks):
-            fv, vm, Sv = _level_features(gv, mv, a, sigma)
-            fi, im, Si = _level_features(gi, mi, k, sigma)
-            levels.append((fv, vm, fi, im.astype(np.uint8), Sv, Si))
+        levels = frames.level(side, math.sqrt(abs(np.linalg.det(H[:2, :2]))), 1.5 if li == 0 else 1.0)
         hw, ww = levels[0][0].shape[:2]
         stride = 2 if hw * ww > max_pixels else 1
         Sv = levels[0][4]
@@ -558,8 +587,8 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
                 gy = cv2.Sobel(M, cv2.CV_32F, 0, 1, ksize=3)[::stride, ::stride] / 8.0
                 Ms, Fs = M[::stride, ::stride][valid], fv[::stride, ::stride][valid]
                 gx, gy = gx[valid], gy[valid]
-                xn, yn = xn_all[valid], yn_all[valid]
-                J = np.empty((len(xn), npar), np.float32)
+                bx, by = _warp_basis(xn_all[valid], yn_all[valid])
+                bx, by = bx[:, :npar], by[:, :npar]
                 for c in range(M.shape[2]):
                     m, f = Ms[:, c] - Ms[:, c].mean(), Fs[:, c] - Fs[:, c].mean()
                     sm, sf = m.std() + 1e-6, f.std() + 1e-6
@@ -568,12 +597,8 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
                     if c == 0:
                         corrs.append(float((m * f).mean()))
                     e = f - rho * m
-                    u, v = gx[:, c] * (rho * half / sm), gy[:, c] * (rho * half / sm)
-                    J[:, 0], J[:, 1], J[:, 2] = u * xn, u * yn, u
-                    J[:, 3], J[:, 4], J[:, 5] = v * xn, v * yn, v
-                    if npar == 8:
-                        r = u * xn + v * yn
-                        J[:, 6], J[:, 7] = -r * xn, -r * yn
+                    k = rho * half / sm
+                    J = (gx[:, c:c + 1] * k) * bx + (gy[:, c:c + 1] * k) * by
                     A += (J.T @ J).astype(np.float64)
                     b += (J.T @ e).astype(np.float64)
                     sse += float(e @ e)
@@ -612,7 +637,7 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
             px, py = _warp_basis((gx_.ravel() - (ww - 1) / 2) / half, (gy_.ravel() - (hw - 1) / 2) / half)
             px, py = px[:, :npar], py[:, :npar]
             var = (np.einsum("ni,ij,nj->n", px, cov, px) + np.einsum("ni,ij,nj->n", py, cov, py)) * half * half
-            std = np.sqrt(np.maximum(var, 0)) / a
+            std = np.sqrt(np.maximum(var, 0)) / Sv[0, 0]
             stats = DenseResult(H, float(np.mean(corrs)) if corrs else 0.0, float(std.max()), float(np.mean(cover)),
                                 total)
     return stats
@@ -679,7 +704,8 @@ def verify_mapping(pairs, H: np.ndarray, side: int = 640, radius: int = 4, tol_p
                    cells: int = 4) -> dict:
     """Independent check of a mapping over the frame: patch matches (radius ``radius`` at ``side`` px) between the
     registered IR and the visible frames; ``agree`` = share of them within ``tol_px`` (full px) of the mapping,
-    ``coverage`` = share of the ``cells`` x ``cells`` regions of the visible frame holding an agreeing match."""
+    ``coverage`` = share of the ``cells`` x ``cells`` regions of the visible frame holding an agreeing match,
+    ``residual_px`` = RMS distance (visible px) of the agreeing matches from the mapping (None without any)."""
     hv, wv = pairs[0][1].shape[:2]
     side = min(side, max(hv, wv))
     src, dst = [], []
@@ -689,13 +715,14 @@ def verify_mapping(pairs, H: np.ndarray, side: int = 640, radius: int = 4, tol_p
         dst.append(d)
     src, dst = np.vstack(src), np.vstack(dst)
     if len(src) == 0:
-        return {"verify_matches": 0, "agree": 0.0, "coverage": 0.0}
+        return {"verify_matches": 0, "agree": 0.0, "coverage": 0.0, "residual_px": None}
     res = np.linalg.norm(project(H, src) - dst, axis=1)
     ok = res <= tol_px * max(hv, wv) / side
     cx = np.clip((dst[ok, 0] * cells / wv).astype(int), 0, cells - 1)
     cy = np.clip((dst[ok, 1] * cells / hv).astype(int), 0, cells - 1)
     return {"verify_matches": int(len(src)), "agree": float(ok.mean()),
-            "coverage": len(set(zip(cx.tolist(), cy.tolist()))) / cells ** 2}
+            "coverage": len(set(zip(cx.tolist(), cy.tolist()))) / cells ** 2,
+            "residual_px": float(np.sqrt(np.mean(res[ok] ** 2))) if ok.any() else None}
 
 
 def _refuse(detail: str) -> CalibrationError:
@@ -753,30 +780,31 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
                       f"mapping (need {cfg.min_inliers} and {cfg.min_inlier_ratio:.0%})")
     # the whole frame, all pairs pooled: dense refinement of the full model from the verified affine start
     H0 = H
+    frames = _Frames(pairs)
     sides = (cfg.coarse_side, cfg.fine_side // 2, cfg.fine_side)
-    dense = dense_refine(pairs, H0, cfg.model, sides=sides)
+    dense = dense_refine(frames, H0, cfg.model, sides=sides)
     H = dense.matrix
     hv, wv = vis_shape
-    gx, gy = np.meshgrid(np.linspace(0, wv - 1, 9), np.linspace(0, hv - 1, 7))
-    g = np.c_[gx.ravel(), gy.ravel()]
-    spread = lambda A, B: float(np.linalg.norm(project(A, g) - project(B, g), axis=1).max())
+    spread = lambda A, B: grid_error(A, B, (wv, hv), step=max(wv, hv) / 12)[1]
     # stability: the same refinement from a start a few pixels off (1% scale, 3 px shift about the frame centre)
     # must land on the same mapping; where the evidence is weak or ambiguous it does not
     c = np.array([[1.0, 0, wv / 2], [0, 1.0, hv / 2], [0, 0, 1.0]])
     nudge = c @ np.array([[1.01, 0, 3.0], [0, 1.01, -3.0], [0, 0, 1.0]]) @ np.linalg.inv(c)
-    other = dense_refine(pairs, nudge @ H0, cfg.model, sides=sides[1:])
+    other = dense_refine(frames, nudge @ H0, cfg.model, sides=sides[1:])
     check = verify_mapping(pairs, H, cfg.fine_side)
     info.update(model=cfg.model, dense_correlation=dense.correlation, dense_uncertainty_px=dense.uncertainty_px,
-                overlap=dense.overlap, dense_iterations=dense.iterations, moved_px=spread(H, H0),
+                overlap=dense.overlap, dense_iterations=dense.iterations, moved_px=spread(H0, H),
                 scale=float(math.sqrt(abs(np.linalg.det(H[:2, :2])))),
-                spread_px=spread(H, other.matrix), **check)
+                spread_px=spread(other.matrix, H), **check)
     log(f"dense refinement ({dense.iterations} iterations): structure correlation {dense.correlation:.3f}, moved "
         f"{info['moved_px']:.1f} px from the patch fit, {info['spread_px']:.1f} px from a nudged start; check: "
         f"{check['agree']:.0%} of {check['verify_matches']} patches agree, coverage {check['coverage']:.0%}")
     conf = confidence_score(info)
     info["confidence"] = conf
+    info["residual_px"] = check["residual_px"]
     reg = Registration(H, (ir_shape[1], ir_shape[0]), (vis_shape[1], vis_shape[0]), f"auto-{cfg.model}",
-                       round(float(info["residual_px"]), 4), confidence=round(conf, 4))
+                       None if check["residual_px"] is None else round(check["residual_px"], 4),
+                       confidence=round(conf, 4))
     if conf < cfg.min_confidence:
         raise _refuse(f"{info['inliers']} consistent patch matches ({info['inlier_ratio']:.0%} of "
                       f"{info['matches']}), {check['agree']:.0%} of the check patches agree over "

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from ..calibration import (MODELS, AutoConfig, CalibrationError, calibrate_auto, confidence_score, content_mask,
-                           edge_alignment, project, to_gray, write_overlay)
+                           edge_alignment, grid_error, to_gray, write_overlay)
 from ..data import data_root, find_pairs, read_ir, read_vis
 from ..imageops import write_image
 from ..registration import Registration
@@ -277,17 +277,6 @@ def _refusal(confidence: float) -> str | None:
     return None if confidence >= AutoConfig.min_confidence else "confidence below threshold"
 
 
-def grid_error(H: np.ndarray, H_true: np.ndarray, vis_wh: tuple[int, int],
-               step: int = GRID_STEP) -> tuple[float, float]:
-    """Mean and max distance (visible px) between two IR -> visible mappings over a ``step``-px grid of the visible
-    frame (the grid points are mapped back into the IR frame by the true mapping)."""
-    gx, gy = np.meshgrid(np.arange(0, vis_wh[0], step), np.arange(0, vis_wh[1], step))
-    v = np.c_[gx.ravel(), gy.ravel()].astype(np.float64)
-    ir_pts = project(np.linalg.inv(H_true), v)
-    e = np.linalg.norm(project(H, ir_pts) - project(H_true, ir_pts), axis=1)
-    return float(e.mean()), float(e.max())
-
-
 def _synthetic_pair(task: dict) -> list[dict]:
     """The known-answer cases of one pair (runs in a worker): warp, register, score against the true mapping."""
     cv2.setNumThreads(1)
@@ -316,7 +305,7 @@ def _synthetic_pair(task: dict) -> list[dict]:
             rows.append(row)
             continue
         row["seconds"] = time.perf_counter() - t
-        mean, mx = grid_error(reg.matrix, ref @ np.linalg.inv(G), vis_wh)  # truth: warped IR px -> visible px
+        mean, mx = grid_error(reg.matrix, ref @ np.linalg.inv(G), vis_wh, GRID_STEP)  # truth: warped IR px -> visible px
         row.update(answer=True, mean_px=mean, max_px=mx, confidence=info["confidence"],
                    refused=_refusal(info["confidence"]),
                    **{k: info[k] for k in SYNTHETIC_INFO if k in info})
