@@ -289,9 +289,16 @@ def masked_ncc(fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray | 
     ph, pw = hf + hm - 1, wf + wm - 1
     fsh = (cv2.getOptimalDFTSize(ph), cv2.getOptimalDFTSize(pw))
     flip = lambda a: a[::-1, ::-1]  # correlating with the moving image == convolving with it flipped
-    conv = lambda A, B: np.fft.irfft2(A * B, fsh)[:ph, :pw]
-    F1 = np.fft.rfft2(np.ones((hf, wf)), fsh)
-    Gm = np.fft.rfft2(flip(mm), fsh)
+
+    def fft(a):  # OpenCV's packed real spectrum of ``a`` zero-padded to ``fsh`` (faster than numpy's here)
+        pad = np.zeros(fsh)
+        pad[:a.shape[0], :a.shape[1]] = a
+        return cv2.dft(pad)
+
+    ifft = lambda A: cv2.idft(A, flags=cv2.DFT_REAL_OUTPUT | cv2.DFT_SCALE)[:ph, :pw]
+    conv = lambda A, B: ifft(cv2.mulSpectrums(A, B, 0))
+    F1 = fft(np.ones((hf, wf)))
+    Gm = fft(flip(mm))
     n = np.round(conv(F1, Gm))
     nn = np.maximum(n, 1.0)
     # channels: numerators and variances add up, so their cross terms are summed before the inverse transforms
@@ -304,18 +311,18 @@ def masked_ncc(fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray | 
     for c in range(fixed.shape[2]):
         f = fixed[..., c].astype(np.float64)
         m = moving[..., c].astype(np.float64) * mm
-        Ff = np.fft.rfft2(f, fsh)
-        Gv = np.fft.rfft2(flip(m), fsh)
+        Ff = fft(f)
+        Gv = fft(flip(m))
         sf, sm = conv(Ff, Gm), conv(F1, Gv)
-        cross += Ff * Gv
+        cross += cv2.mulSpectrums(Ff, Gv, 0)
         mean_terms += sf * sm
         sq_f += sf * sf
         sq_m += sm * sm
         f2 += f * f
         m2 += m * m
-    num = np.fft.irfft2(cross, fsh)[:ph, :pw] - mean_terms / nn
-    vf = np.maximum(conv(np.fft.rfft2(f2, fsh), Gm) - sq_f / nn, 0)
-    vm = np.maximum(conv(F1, np.fft.rfft2(flip(m2), fsh)) - sq_m / nn, 0)
+    num = ifft(cross) - mean_terms / nn
+    vf = np.maximum(conv(fft(f2), Gm) - sq_f / nn, 0)
+    vm = np.maximum(conv(F1, fft(flip(m2))) - sq_m / nn, 0)
     den = np.sqrt(vf * vm)
     ncc = np.where(den > 1e-9 * nn, num / np.maximum(den, 1e-12), 0.0)
     limit = min_overlap * min(hf * wf, float(mm.sum()))
@@ -334,7 +341,6 @@ class CoarseResult:
     ty: float
     score: float  # peak NCC of structure maps
     distinct: float  # (peak - median) / robust std over all translations, at the best scale
-    ambiguity: float = 0.0  # best other translation (away from the peak) relative to the peak, above the median
     scores: list = field(default_factory=list)  # (scale, peak) per scale tried
     candidates: list = field(default_factory=list)  # the best few local maxima over scale (CoarseResult), best first
 
@@ -389,11 +395,7 @@ def coarse_search(ir: np.ndarray, vis: np.ndarray, scale_range=(0.55, 1.8), step
         # pixel centres: ir_work = k * ir_full + (k-1)/2 ; vis_work = a * vis_full + (a-1)/2 (resize convention)
         t_work = np.array([ix - ox + dx, iy - oy + dy])
         t_full = (t_work + (k - 1) / 2 - (a - 1) / 2) / a
-        # repeated structure (a row of identical windows, a fence) gives a second peak as high as the first
-        away = ncc.copy()
-        cv2.circle(away, (ix, iy), max(3, int(0.04 * max(sv.shape[:2]))), -1.0, -1)
-        amb = (float(away.max()) - med) / max(peak - med, 1e-6)
-        per_scale.append(CoarseResult(float(s), float(t_full[0]), float(t_full[1]), peak, (peak - med) / mad, amb))
+        per_scale.append(CoarseResult(float(s), float(t_full[0]), float(t_full[1]), peak, (peak - med) / mad))
     table = [(c.scale, c.score) for c in per_scale]
     # candidates: local maxima of the peak score over scale, best first
     peaks = [c.score for c in per_scale]
@@ -525,6 +527,36 @@ def _level_features(gray: np.ndarray, mask: np.ndarray, scale: float, sigma: flo
     m = _resize(mask.astype(np.float32), scale) > 0.99
     m = cv2.erode(m.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     return structure_channels(g, sigma), m, _resize_matrix(gray.shape, g.shape)
+
+
+def ambiguity(frames: _Frames, H: np.ndarray, side: int = 256) -> float:
+    """How well the registered IR matches the visible frame when shifted away from the mapping: the best NCC of their
+    structure channels over all translations farther than 4% of the frame, relative to the NCC at the mapping
+    (both above the median over translations); pairs pooled. Repeated structure (a facade of identical windows, a
+    fence) scores near 1 (one period off matches as well), a unique match near 0."""
+    total = None
+    for gi, mi, gv, mv in frames.data:
+        a = min(1.0, side / max(gv.shape))
+        gv_w = _resize(gv, a)
+        hw, ww = gv_w.shape
+        Hw = _resize_matrix(gv.shape, gv_w.shape) @ H
+        wi = _warp(gi, Hw, (ww, hw))
+        valid = _warp(mi.astype(np.uint8), Hw, (ww, hw), cv2.INTER_NEAREST).astype(bool)
+        valid &= _resize(mv.astype(np.float32), a) > 0.5
+        sv, si = structure_channels(gv_w), structure_channels(wi)
+        si[~valid] = 0
+        ncc, _ = masked_ncc(sv, si, valid, weighted=True)
+        total = ncc if total is None else total + ncc
+    ncc = total / len(frames.data)
+    oy, ox = hw - 1, ww - 1  # zero shift
+    valid = ncc[ncc > -1]
+    if valid.size == 0:
+        return 1.0
+    med = float(np.median(valid))
+    at = float(ncc[oy - 2:oy + 3, ox - 2:ox + 3].max())
+    away = ncc.copy()
+    cv2.circle(away, (ox, oy), max(3, int(0.04 * max(hw, ww))), -1.0, -1)
+    return float(np.clip((float(away.max()) - med) / max(at - med, 1e-6), 0.0, 2.0))
 
 
 def _warp_basis(xn: np.ndarray, yn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -672,7 +704,7 @@ def confidence_score(info: dict) -> float:
     spread = info["spread_px"] / max(1.0, info.get("scale", 1.0))
     stability = float(np.clip((4.0 - spread) / 3.0, 0.0, 1.0))
     coverage = float(np.clip((info["coverage"] - 0.05) / 0.3, 0.0, 1.0))
-    unique = float(np.clip((0.95 - info["coarse_ambiguity"]) / 0.1, 0.0, 1.0))
+    unique = float(np.clip((0.95 - info["ambiguity"]) / 0.1, 0.0, 1.0))
     return float(support * stability * coverage * unique)
 
 
@@ -772,7 +804,7 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
                       f"std above the rest, need {cfg.min_distinct:g})")
     support, H, stats, cand = best
     info = {"pairs": len(pairs), "coarse_scale": cand.scale, "coarse_ncc": cand.score,
-            "coarse_distinct": cand.distinct, "coarse_ambiguity": cand.ambiguity, **stats}
+            "coarse_distinct": cand.distinct, **stats}
     if stats.get("matches", 0) < cfg.min_inliers:
         raise _refuse(f"only {stats.get('matches', 0)} patch match(es) found (need {cfg.min_inliers})")
     if stats.get("inliers", 0) < cfg.min_inliers or stats.get("inlier_ratio", 0.0) < cfg.min_inlier_ratio:
@@ -792,7 +824,8 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
     nudge = c @ np.array([[1.01, 0, 3.0], [0, 1.01, -3.0], [0, 0, 1.0]]) @ np.linalg.inv(c)
     other = dense_refine(frames, nudge @ H0, cfg.model, sides=sides[1:])
     check = verify_mapping(pairs, H, cfg.fine_side)
-    info.update(model=cfg.model, dense_correlation=dense.correlation, dense_uncertainty_px=dense.uncertainty_px,
+    info.update(model=cfg.model, ambiguity=ambiguity(frames, H), dense_correlation=dense.correlation,
+                dense_uncertainty_px=dense.uncertainty_px,
                 overlap=dense.overlap, dense_iterations=dense.iterations, moved_px=spread(H0, H),
                 scale=float(math.sqrt(abs(np.linalg.det(H[:2, :2])))),
                 spread_px=spread(other.matrix, H), **check)
