@@ -696,14 +696,14 @@ def confidence_score(info: dict) -> float:
     """0..1 from the evidence of :func:`calibrate_auto` (see the README for what it means, measured): the patch
     support of the start (consistent-match count and share, coarse distinctiveness), the stability of the dense
     refinement (``spread_px``: how far a nudged start lands, in IR px where ``scale`` > 1), the share of the frame
-    where it was verified and the uniqueness of the coarse match (repeated structure matches equally well one
-    period away)."""
+    where an independent patch check agrees with the mapping, and its uniqueness (``ambiguity``: repeated structure
+    matches as well one period away). Thresholds calibrated on known-answer runs with seed 1."""
     support = (min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
                * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5) ** 0.5
     # in IR pixels when the visible camera has the finer ones: no mapping is steadier than the IR pixel grid
     spread = info["spread_px"] / max(1.0, info.get("scale", 1.0))
-    stability = float(np.clip((4.0 - spread) / 3.0, 0.0, 1.0))
-    coverage = float(np.clip((info["coverage"] - 0.05) / 0.3, 0.0, 1.0))
+    stability = float(np.clip((4.5 - spread) / 3.0, 0.0, 1.0))
+    coverage = float(np.clip((info["coverage"] - 0.05) / 0.2, 0.0, 1.0))
     unique = float(np.clip((0.95 - info["ambiguity"]) / 0.1, 0.0, 1.0))
     return float(support * stability * coverage * unique)
 
