@@ -19,8 +19,8 @@ on structure maps (locally contrast-normalised gradient magnitude, which ignores
    pooled into one system.
 
 The result carries its own confidence (:func:`confidence_score`: patch support, stability of the refinement from a
-nudged start, verified coverage of the frame, uniqueness of the coarse match). When it is too low, or the images
-share too little structure, :class:`CalibrationError` says so instead of returning a guess.
+nudged start, verified coverage of the frame, uniqueness of the match at the refined mapping). When it is too low,
+or the images share too little structure, :class:`CalibrationError` says so instead of returning a guess.
 """
 from __future__ import annotations
 

@@ -323,7 +323,8 @@ def _synthetic_pair(task: dict) -> list[dict]:
             rows.append(row)
             continue
         row["seconds"] = time.perf_counter() - t
-        mean, mx = grid_error(reg.matrix, ref @ np.linalg.inv(G), vis_wh, GRID_STEP)  # truth: warped IR px -> visible px
+        # truth: warped IR px -> visible px
+        mean, mx = grid_error(reg.matrix, ref @ np.linalg.inv(G), vis_wh, GRID_STEP)
         row.update(answer=True, mean_px=mean, max_px=mx, confidence=info["confidence"],
                    refused=_refusal(info["confidence"]),
                    **{k: info[k] for k in SYNTHETIC_INFO if k in info})
