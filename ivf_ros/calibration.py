@@ -19,8 +19,8 @@ on structure maps (locally contrast-normalised gradient magnitude, which ignores
    pooled into one system.
 
 The result carries its own confidence (:func:`confidence_score`: patch support, stability of the refinement from a
-nudged start, verified coverage of the frame, uniqueness of the coarse match). When it is too low, or the images
-share too little structure, :class:`CalibrationError` says so instead of returning a guess.
+nudged start, verified coverage of the frame, uniqueness of the match at the refined mapping). When it is too low,
+or the images share too little structure, :class:`CalibrationError` says so instead of returning a guess.
 """
 from __future__ import annotations
 
@@ -221,6 +221,16 @@ def project(H: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return p[:, :2] / p[:, 2:3]
 
 
+def grid_error(H: np.ndarray, H_ref: np.ndarray, vis_wh: tuple[int, int], step: float = 16) -> tuple[float, float]:
+    """Mean and max distance (visible px) between two IR -> visible mappings over a ``step``-px grid of the visible
+    frame (the grid points are mapped back into the IR frame by ``H_ref``)."""
+    gx, gy = np.meshgrid(np.arange(0, vis_wh[0], step), np.arange(0, vis_wh[1], step))
+    v = np.c_[gx.ravel(), gy.ravel()].astype(np.float64)
+    ir_pts = project(np.linalg.inv(H_ref), v)
+    e = np.linalg.norm(project(H, ir_pts) - project(H_ref, ir_pts), axis=1)
+    return float(e.mean()), float(e.max())
+
+
 def read_points_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """CSV of point pairs: ``ir_x, ir_y, vis_x, vis_y`` per row; a header row and ``#`` comments are allowed."""
     path = Path(path)
@@ -279,9 +289,16 @@ def masked_ncc(fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray | 
     ph, pw = hf + hm - 1, wf + wm - 1
     fsh = (cv2.getOptimalDFTSize(ph), cv2.getOptimalDFTSize(pw))
     flip = lambda a: a[::-1, ::-1]  # correlating with the moving image == convolving with it flipped
-    conv = lambda A, B: np.fft.irfft2(A * B, fsh)[:ph, :pw]
-    F1 = np.fft.rfft2(np.ones((hf, wf)), fsh)
-    Gm = np.fft.rfft2(flip(mm), fsh)
+
+    def fft(a):  # OpenCV's packed real spectrum of ``a`` zero-padded to ``fsh`` (faster than numpy's here)
+        pad = np.zeros(fsh)
+        pad[:a.shape[0], :a.shape[1]] = a
+        return cv2.dft(pad)
+
+    ifft = lambda A: cv2.idft(A, flags=cv2.DFT_REAL_OUTPUT | cv2.DFT_SCALE)[:ph, :pw]
+    conv = lambda A, B: ifft(cv2.mulSpectrums(A, B, 0))
+    F1 = fft(np.ones((hf, wf)))
+    Gm = fft(flip(mm))
     n = np.round(conv(F1, Gm))
     nn = np.maximum(n, 1.0)
     # channels: numerators and variances add up, so their cross terms are summed before the inverse transforms
@@ -294,18 +311,18 @@ def masked_ncc(fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray | 
     for c in range(fixed.shape[2]):
         f = fixed[..., c].astype(np.float64)
         m = moving[..., c].astype(np.float64) * mm
-        Ff = np.fft.rfft2(f, fsh)
-        Gv = np.fft.rfft2(flip(m), fsh)
+        Ff = fft(f)
+        Gv = fft(flip(m))
         sf, sm = conv(Ff, Gm), conv(F1, Gv)
-        cross += Ff * Gv
+        cross += cv2.mulSpectrums(Ff, Gv, 0)
         mean_terms += sf * sm
         sq_f += sf * sf
         sq_m += sm * sm
         f2 += f * f
         m2 += m * m
-    num = np.fft.irfft2(cross, fsh)[:ph, :pw] - mean_terms / nn
-    vf = np.maximum(conv(np.fft.rfft2(f2, fsh), Gm) - sq_f / nn, 0)
-    vm = np.maximum(conv(F1, np.fft.rfft2(flip(m2), fsh)) - sq_m / nn, 0)
+    num = ifft(cross) - mean_terms / nn
+    vf = np.maximum(conv(fft(f2), Gm) - sq_f / nn, 0)
+    vm = np.maximum(conv(F1, fft(flip(m2))) - sq_m / nn, 0)
     den = np.sqrt(vf * vm)
     ncc = np.where(den > 1e-9 * nn, num / np.maximum(den, 1e-12), 0.0)
     limit = min_overlap * min(hf * wf, float(mm.sum()))
@@ -324,7 +341,6 @@ class CoarseResult:
     ty: float
     score: float  # peak NCC of structure maps
     distinct: float  # (peak - median) / robust std over all translations, at the best scale
-    ambiguity: float = 0.0  # best other translation (away from the peak) relative to the peak, above the median
     scores: list = field(default_factory=list)  # (scale, peak) per scale tried
     candidates: list = field(default_factory=list)  # the best few local maxima over scale (CoarseResult), best first
 
@@ -379,11 +395,7 @@ def coarse_search(ir: np.ndarray, vis: np.ndarray, scale_range=(0.55, 1.8), step
         # pixel centres: ir_work = k * ir_full + (k-1)/2 ; vis_work = a * vis_full + (a-1)/2 (resize convention)
         t_work = np.array([ix - ox + dx, iy - oy + dy])
         t_full = (t_work + (k - 1) / 2 - (a - 1) / 2) / a
-        # repeated structure (a row of identical windows, a fence) gives a second peak as high as the first
-        away = ncc.copy()
-        cv2.circle(away, (ix, iy), max(3, int(0.04 * max(sv.shape[:2]))), -1.0, -1)
-        amb = (float(away.max()) - med) / max(peak - med, 1e-6)
-        per_scale.append(CoarseResult(float(s), float(t_full[0]), float(t_full[1]), peak, (peak - med) / mad, amb))
+        per_scale.append(CoarseResult(float(s), float(t_full[0]), float(t_full[1]), peak, (peak - med) / mad))
     table = [(c.scale, c.score) for c in per_scale]
     # candidates: local maxima of the peak score over scale, best first
     peaks = [c.score for c in per_scale]
@@ -479,6 +491,35 @@ def _fill_padding(gray: np.ndarray, mask: np.ndarray, sigma: float = 6.0) -> np.
     return np.where(mask, gray, fill).astype(np.float32)
 
 
+class _Frames:
+    """The pairs prepared once for dense refinement: gray frames with padding filled, their content masks, and the
+    structure channels per working resolution (cached, so a second refinement reuses them)."""
+
+    def __init__(self, pairs):
+        self.vis_shape = pairs[0][1].shape[:2]
+        self.data = []
+        for ir, vis in pairs:
+            gi, gv = to_gray(ir), to_gray(vis)
+            mi, mv = content_mask(gi), content_mask(gv)
+            self.data.append((_fill_padding(gi, mi), mi, _fill_padding(gv, mv), mv))
+        self._cache = {}
+
+    def level(self, side: int, ir_scale_hint: float, sigma: float) -> list:
+        """Per pair: (visible channels, visible mask, IR channels, IR mask (uint8), full px -> level px matrices
+        of the visible and the IR frame). The IR is resized to about the visible level's pixel size."""
+        a = min(1.0, side / max(self.vis_shape))
+        k = round(min(1.0, a * ir_scale_hint), 2)
+        key = (side, k, sigma)
+        if key not in self._cache:
+            out = []
+            for gi, mi, gv, mv in self.data:
+                fv, vm, Sv = _level_features(gv, mv, a, sigma)
+                fi, im, Si = _level_features(gi, mi, k, sigma)
+                out.append((fv, vm, fi, im.astype(np.uint8), Sv, Si))
+            self._cache[key] = out
+        return self._cache[key]
+
+
 def _level_features(gray: np.ndarray, mask: np.ndarray, scale: float, sigma: float):
     """Structure channels of ``gray`` (padding already filled) resized by ``scale``, their valid mask, and the
     full px -> level px matrix."""
@@ -486,6 +527,36 @@ def _level_features(gray: np.ndarray, mask: np.ndarray, scale: float, sigma: flo
     m = _resize(mask.astype(np.float32), scale) > 0.99
     m = cv2.erode(m.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     return structure_channels(g, sigma), m, _resize_matrix(gray.shape, g.shape)
+
+
+def ambiguity(frames: _Frames, H: np.ndarray, side: int = 256) -> float:
+    """How well the registered IR matches the visible frame when shifted away from the mapping: the best NCC of their
+    structure channels over all translations farther than 4% of the frame, relative to the NCC at the mapping
+    (both above the median over translations); pairs pooled. Repeated structure (a facade of identical windows, a
+    fence) scores near 1 (one period off matches as well), a unique match near 0."""
+    total = None
+    for gi, mi, gv, mv in frames.data:
+        a = min(1.0, side / max(gv.shape))
+        gv_w = _resize(gv, a)
+        hw, ww = gv_w.shape
+        Hw = _resize_matrix(gv.shape, gv_w.shape) @ H
+        wi = _warp(gi, Hw, (ww, hw))
+        valid = _warp(mi.astype(np.uint8), Hw, (ww, hw), cv2.INTER_NEAREST).astype(bool)
+        valid &= _resize(mv.astype(np.float32), a) > 0.5
+        sv, si = structure_channels(gv_w), structure_channels(wi)
+        si[~valid] = 0
+        ncc, _ = masked_ncc(sv, si, valid, weighted=True)
+        total = ncc if total is None else total + ncc
+    ncc = total / len(frames.data)
+    oy, ox = hw - 1, ww - 1  # zero shift
+    valid = ncc[ncc > -1]
+    if valid.size == 0:
+        return 1.0
+    med = float(np.median(valid))
+    at = float(ncc[oy - 2:oy + 3, ox - 2:ox + 3].max())
+    away = ncc.copy()
+    cv2.circle(away, (ox, oy), max(3, int(0.04 * max(hw, ww))), -1.0, -1)
+    return float(np.clip((float(away.max()) - med) / max(at - med, 1e-6), 0.0, 2.0))
 
 
 def _warp_basis(xn: np.ndarray, yn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -509,30 +580,20 @@ class DenseResult:
     iterations: int
 
 
-def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 400, 640), iters: int = 10,
+def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 400, 640), iters: int = 10,
                  max_pixels: int = 80000, prior: float = 0.2) -> DenseResult:
     """Refine the IR -> visible matrix on the whole frame: Gauss-Newton maximising the correlation of the structure
     channels of the warped IR and the visible frames over their valid overlap (black padding masked), coarse to
-    fine; several pairs of one rig are pooled into one system. ``model`` affine keeps the last row fixed. Levels
-    larger than ``max_pixels`` use every second pixel in each direction."""
+    fine; several pairs of one rig are pooled into one system. ``frames``: a :class:`_Frames` or a list of (ir, vis)
+    pairs. ``model`` affine keeps the last row fixed. Levels larger than ``max_pixels`` use every second pixel in
+    each direction."""
+    frames = frames if isinstance(frames, _Frames) else _Frames(frames)
     npar = 8 if model == "homography" else 6
-    vis_shape = pairs[0][1].shape[:2]
-    grays = [(to_gray(ir), to_gray(vis)) for ir, vis in pairs]
-    masks = [(content_mask(gi), content_mask(gv)) for gi, gv in grays]
-    data = [(_fill_padding(gi, mi), _fill_padding(gv, mv)) for (gi, gv), (mi, mv) in zip(grays, masks)]
     H = np.asarray(H, np.float64) / H[2, 2]
     stats = None
     total = 0
     for li, side in enumerate(sides):
-        a = min(1.0, side / max(vis_shape))
-        sigma = 1.5 if li == 0 else 1.0
-        s_h = math.sqrt(abs(np.linalg.det(H[:2, :2])))
-        k = min(1.0, a * s_h)
-        levels = []
-        for (gi, gv), (mi, mv) in zip(data, masks):
-            fv, vm, Sv = _level_features(gv, mv, a, sigma)
-            fi, im, Si = _level_features(gi, mi, k, sigma)
-            levels.append((fv, vm, fi, im.astype(np.uint8), Sv, Si))
+        levels = frames.level(side, math.sqrt(abs(np.linalg.det(H[:2, :2]))), 1.5 if li == 0 else 1.0)
         hw, ww = levels[0][0].shape[:2]
         stride = 2 if hw * ww > max_pixels else 1
         Sv = levels[0][4]
@@ -558,8 +619,8 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
                 gy = cv2.Sobel(M, cv2.CV_32F, 0, 1, ksize=3)[::stride, ::stride] / 8.0
                 Ms, Fs = M[::stride, ::stride][valid], fv[::stride, ::stride][valid]
                 gx, gy = gx[valid], gy[valid]
-                xn, yn = xn_all[valid], yn_all[valid]
-                J = np.empty((len(xn), npar), np.float32)
+                bx, by = _warp_basis(xn_all[valid], yn_all[valid])
+                bx, by = bx[:, :npar], by[:, :npar]
                 for c in range(M.shape[2]):
                     m, f = Ms[:, c] - Ms[:, c].mean(), Fs[:, c] - Fs[:, c].mean()
                     sm, sf = m.std() + 1e-6, f.std() + 1e-6
@@ -568,12 +629,8 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
                     if c == 0:
                         corrs.append(float((m * f).mean()))
                     e = f - rho * m
-                    u, v = gx[:, c] * (rho * half / sm), gy[:, c] * (rho * half / sm)
-                    J[:, 0], J[:, 1], J[:, 2] = u * xn, u * yn, u
-                    J[:, 3], J[:, 4], J[:, 5] = v * xn, v * yn, v
-                    if npar == 8:
-                        r = u * xn + v * yn
-                        J[:, 6], J[:, 7] = -r * xn, -r * yn
+                    k = rho * half / sm
+                    J = (gx[:, c:c + 1] * k) * bx + (gy[:, c:c + 1] * k) * by
                     A += (J.T @ J).astype(np.float64)
                     b += (J.T @ e).astype(np.float64)
                     sse += float(e @ e)
@@ -612,7 +669,7 @@ def dense_refine(pairs, H: np.ndarray, model: str = "homography", sides=(200, 40
             px, py = _warp_basis((gx_.ravel() - (ww - 1) / 2) / half, (gy_.ravel() - (hw - 1) / 2) / half)
             px, py = px[:, :npar], py[:, :npar]
             var = (np.einsum("ni,ij,nj->n", px, cov, px) + np.einsum("ni,ij,nj->n", py, cov, py)) * half * half
-            std = np.sqrt(np.maximum(var, 0)) / a
+            std = np.sqrt(np.maximum(var, 0)) / Sv[0, 0]
             stats = DenseResult(H, float(np.mean(corrs)) if corrs else 0.0, float(std.max()), float(np.mean(cover)),
                                 total)
     return stats
@@ -639,15 +696,15 @@ def confidence_score(info: dict) -> float:
     """0..1 from the evidence of :func:`calibrate_auto` (see the README for what it means, measured): the patch
     support of the start (consistent-match count and share, coarse distinctiveness), the stability of the dense
     refinement (``spread_px``: how far a nudged start lands, in IR px where ``scale`` > 1), the share of the frame
-    where it was verified and the uniqueness of the coarse match (repeated structure matches equally well one
-    period away)."""
+    where an independent patch check agrees with the mapping, and its uniqueness (``ambiguity``: repeated structure
+    matches as well one period away). Thresholds calibrated on known-answer runs with seed 1."""
     support = (min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
                * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5) ** 0.5
     # in IR pixels when the visible camera has the finer ones: no mapping is steadier than the IR pixel grid
     spread = info["spread_px"] / max(1.0, info.get("scale", 1.0))
-    stability = float(np.clip((4.0 - spread) / 3.0, 0.0, 1.0))
-    coverage = float(np.clip((info["coverage"] - 0.05) / 0.3, 0.0, 1.0))
-    unique = float(np.clip((0.95 - info["coarse_ambiguity"]) / 0.1, 0.0, 1.0))
+    stability = float(np.clip((4.5 - spread) / 3.0, 0.0, 1.0))
+    coverage = float(np.clip((info["coverage"] - 0.05) / 0.2, 0.0, 1.0))
+    unique = float(np.clip((0.95 - info["ambiguity"]) / 0.1, 0.0, 1.0))
     return float(support * stability * coverage * unique)
 
 
@@ -679,7 +736,8 @@ def verify_mapping(pairs, H: np.ndarray, side: int = 640, radius: int = 4, tol_p
                    cells: int = 4) -> dict:
     """Independent check of a mapping over the frame: patch matches (radius ``radius`` at ``side`` px) between the
     registered IR and the visible frames; ``agree`` = share of them within ``tol_px`` (full px) of the mapping,
-    ``coverage`` = share of the ``cells`` x ``cells`` regions of the visible frame holding an agreeing match."""
+    ``coverage`` = share of the ``cells`` x ``cells`` regions of the visible frame holding an agreeing match,
+    ``residual_px`` = RMS distance (visible px) of the agreeing matches from the mapping (None without any)."""
     hv, wv = pairs[0][1].shape[:2]
     side = min(side, max(hv, wv))
     src, dst = [], []
@@ -689,13 +747,14 @@ def verify_mapping(pairs, H: np.ndarray, side: int = 640, radius: int = 4, tol_p
         dst.append(d)
     src, dst = np.vstack(src), np.vstack(dst)
     if len(src) == 0:
-        return {"verify_matches": 0, "agree": 0.0, "coverage": 0.0}
+        return {"verify_matches": 0, "agree": 0.0, "coverage": 0.0, "residual_px": None}
     res = np.linalg.norm(project(H, src) - dst, axis=1)
     ok = res <= tol_px * max(hv, wv) / side
     cx = np.clip((dst[ok, 0] * cells / wv).astype(int), 0, cells - 1)
     cy = np.clip((dst[ok, 1] * cells / hv).astype(int), 0, cells - 1)
     return {"verify_matches": int(len(src)), "agree": float(ok.mean()),
-            "coverage": len(set(zip(cx.tolist(), cy.tolist()))) / cells ** 2}
+            "coverage": len(set(zip(cx.tolist(), cy.tolist()))) / cells ** 2,
+            "residual_px": float(np.sqrt(np.mean(res[ok] ** 2))) if ok.any() else None}
 
 
 def _refuse(detail: str) -> CalibrationError:
@@ -745,7 +804,7 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
                       f"std above the rest, need {cfg.min_distinct:g})")
     support, H, stats, cand = best
     info = {"pairs": len(pairs), "coarse_scale": cand.scale, "coarse_ncc": cand.score,
-            "coarse_distinct": cand.distinct, "coarse_ambiguity": cand.ambiguity, **stats}
+            "coarse_distinct": cand.distinct, **stats}
     if stats.get("matches", 0) < cfg.min_inliers:
         raise _refuse(f"only {stats.get('matches', 0)} patch match(es) found (need {cfg.min_inliers})")
     if stats.get("inliers", 0) < cfg.min_inliers or stats.get("inlier_ratio", 0.0) < cfg.min_inlier_ratio:
@@ -753,30 +812,32 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
                       f"mapping (need {cfg.min_inliers} and {cfg.min_inlier_ratio:.0%})")
     # the whole frame, all pairs pooled: dense refinement of the full model from the verified affine start
     H0 = H
+    frames = _Frames(pairs)
     sides = (cfg.coarse_side, cfg.fine_side // 2, cfg.fine_side)
-    dense = dense_refine(pairs, H0, cfg.model, sides=sides)
+    dense = dense_refine(frames, H0, cfg.model, sides=sides)
     H = dense.matrix
     hv, wv = vis_shape
-    gx, gy = np.meshgrid(np.linspace(0, wv - 1, 9), np.linspace(0, hv - 1, 7))
-    g = np.c_[gx.ravel(), gy.ravel()]
-    spread = lambda A, B: float(np.linalg.norm(project(A, g) - project(B, g), axis=1).max())
+    spread = lambda A, B: grid_error(A, B, (wv, hv), step=max(wv, hv) / 12)[1]
     # stability: the same refinement from a start a few pixels off (1% scale, 3 px shift about the frame centre)
     # must land on the same mapping; where the evidence is weak or ambiguous it does not
     c = np.array([[1.0, 0, wv / 2], [0, 1.0, hv / 2], [0, 0, 1.0]])
     nudge = c @ np.array([[1.01, 0, 3.0], [0, 1.01, -3.0], [0, 0, 1.0]]) @ np.linalg.inv(c)
-    other = dense_refine(pairs, nudge @ H0, cfg.model, sides=sides[1:])
+    other = dense_refine(frames, nudge @ H0, cfg.model, sides=sides[1:])
     check = verify_mapping(pairs, H, cfg.fine_side)
-    info.update(model=cfg.model, dense_correlation=dense.correlation, dense_uncertainty_px=dense.uncertainty_px,
-                overlap=dense.overlap, dense_iterations=dense.iterations, moved_px=spread(H, H0),
+    info.update(model=cfg.model, ambiguity=ambiguity(frames, H), dense_correlation=dense.correlation,
+                dense_uncertainty_px=dense.uncertainty_px,
+                overlap=dense.overlap, dense_iterations=dense.iterations, moved_px=spread(H0, H),
                 scale=float(math.sqrt(abs(np.linalg.det(H[:2, :2])))),
-                spread_px=spread(H, other.matrix), **check)
+                spread_px=spread(other.matrix, H), **check)
     log(f"dense refinement ({dense.iterations} iterations): structure correlation {dense.correlation:.3f}, moved "
         f"{info['moved_px']:.1f} px from the patch fit, {info['spread_px']:.1f} px from a nudged start; check: "
         f"{check['agree']:.0%} of {check['verify_matches']} patches agree, coverage {check['coverage']:.0%}")
     conf = confidence_score(info)
     info["confidence"] = conf
+    info["residual_px"] = check["residual_px"]
     reg = Registration(H, (ir_shape[1], ir_shape[0]), (vis_shape[1], vis_shape[0]), f"auto-{cfg.model}",
-                       round(float(info["residual_px"]), 4), confidence=round(conf, 4))
+                       None if check["residual_px"] is None else round(check["residual_px"], 4),
+                       confidence=round(conf, 4))
     if conf < cfg.min_confidence:
         raise _refuse(f"{info['inliers']} consistent patch matches ({info['inlier_ratio']:.0%} of "
                       f"{info['matches']}), {check['agree']:.0%} of the check patches agree over "

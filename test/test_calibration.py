@@ -111,6 +111,8 @@ def test_auto_on_synthetic_cross_modal_scene():
     reg, info = C.calibrate_auto([(ir, vis)])
     assert corner_error(reg.matrix, np.linalg.inv(A), 400, 320) < 1.5
     assert info["confidence"] > 0.5
+    # the saved residual is the final mapping's (check patches that agree with it), not the patch fit's
+    assert reg.residual_px == pytest.approx(info["residual_px"], abs=1e-4) and reg.residual_px < 1.5
 
 
 def test_auto_pools_several_pairs_of_one_rig(tmp_path):
@@ -304,6 +306,22 @@ def test_refuses_a_confidently_wrong_answer(tmp_path, capsys):
     rc = _cli(["--ir", str(tmp_path / "ir.png"), "--vis", str(tmp_path / "vis.png"), "--out", str(tmp_path / "h.yaml")])
     assert rc == calibrate_tool.EXIT_REFUSED and not (tmp_path / "h.yaml").exists()
     assert "refused" in capsys.readouterr().err
+
+
+def test_ambiguity_sees_repeated_structure():
+    # at the true mapping: a facade of identical windows matches as well one period away, a scene of shapes does not
+    G = np.array([[1.0, 0, 43.0], [0, 1.0, 21.0], [0, 0, 1.0]])
+    for (ir, vis), lo, hi in ((periodic_scene(), 0.9, 2.0), (scene(seed=3), 0.0, 0.8)):
+        ir = cv2.warpPerspective(ir, G, (480, 360))
+        assert lo < C.ambiguity(C._Frames([(ir, vis)]), np.linalg.inv(G)) < hi
+
+
+def test_mutual_information_prefers_the_aligned_image():
+    from ivf_ros.tools.registration_eval import mutual_information
+    ir, vis = scene(seed=9)
+    a, b = ir.astype(np.float32) / 255, vis.astype(np.float32) / 255
+    valid = np.ones(a.shape, bool)
+    assert mutual_information(a, b, valid) > mutual_information(np.roll(a, 15, axis=1), b, valid) + 0.2
 
 
 def test_random_homography_and_grid_error():

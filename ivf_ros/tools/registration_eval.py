@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from ..calibration import (MODELS, AutoConfig, CalibrationError, calibrate_auto, confidence_score, content_mask,
-                           edge_alignment, project, to_gray, write_overlay)
+                           edge_alignment, grid_error, to_gray, write_overlay)
 from ..data import data_root, find_pairs, read_ir, read_vis
 from ..imageops import write_image
 from ..registration import Registration
@@ -277,15 +277,13 @@ def _refusal(confidence: float) -> str | None:
     return None if confidence >= AutoConfig.min_confidence else "confidence below threshold"
 
 
-def grid_error(H: np.ndarray, H_true: np.ndarray, vis_wh: tuple[int, int],
-               step: int = GRID_STEP) -> tuple[float, float]:
-    """Mean and max distance (visible px) between two IR -> visible mappings over a ``step``-px grid of the visible
-    frame (the grid points are mapped back into the IR frame by the true mapping)."""
-    gx, gy = np.meshgrid(np.arange(0, vis_wh[0], step), np.arange(0, vis_wh[1], step))
-    v = np.c_[gx.ravel(), gy.ravel()].astype(np.float64)
-    ir_pts = project(np.linalg.inv(H_true), v)
-    e = np.linalg.norm(project(H, ir_pts) - project(H_true, ir_pts), axis=1)
-    return float(e.mean()), float(e.max())
+def mutual_information(a: np.ndarray, b: np.ndarray, valid: np.ndarray, bins: int = 32) -> float:
+    """Mutual information (nats) of two gray images in [0, 1] over the ``valid`` pixels."""
+    h, _, _ = np.histogram2d(a[valid], b[valid], bins=bins, range=((0, 1), (0, 1)))
+    p = h / max(h.sum(), 1.0)
+    outer = p.sum(axis=1, keepdims=True) @ p.sum(axis=0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log(p[nz] / outer[nz])).sum())
 
 
 def _synthetic_pair(task: dict) -> list[dict]:
@@ -303,6 +301,15 @@ def _synthetic_pair(task: dict) -> list[dict]:
             own = calibrate_auto([(ir, vis)], cfg)[0].matrix
         except CalibrationError:
             pass
+    # which fits the unwarped pair better, the data set's alignment or the pair's own registration (edge score and
+    # mutual information of the raw intensities, a similarity the registration does not use)
+    fit = {}
+    if own is not None:
+        for name, M in (("reference", ref), ("own", own)):
+            reg = Registration(M, (w, h), vis_wh)
+            g, valid = _apply(reg, ir, vis.shape)
+            fit[f"{name}_edge"] = _edge(g, vis, valid)
+            fit[f"{name}_mi"] = mutual_information(g, to_gray(vis), valid)
     rows = []
     for j, (warp, overlay) in enumerate(zip(task["warps"], task["overlays"])):
         G = np.asarray(warp).reshape(3, 3)
@@ -316,7 +323,8 @@ def _synthetic_pair(task: dict) -> list[dict]:
             rows.append(row)
             continue
         row["seconds"] = time.perf_counter() - t
-        mean, mx = grid_error(reg.matrix, ref @ np.linalg.inv(G), vis_wh)  # truth: warped IR px -> visible px
+        # truth: warped IR px -> visible px
+        mean, mx = grid_error(reg.matrix, ref @ np.linalg.inv(G), vis_wh, GRID_STEP)
         row.update(answer=True, mean_px=mean, max_px=mx, confidence=info["confidence"],
                    refused=_refusal(info["confidence"]),
                    **{k: info[k] for k in SYNTHETIC_INFO if k in info})
@@ -324,13 +332,14 @@ def _synthetic_pair(task: dict) -> list[dict]:
             row["mean_px_vs_dataset"], row["max_px_vs_dataset"] = grid_error(reg.matrix, np.linalg.inv(G), vis_wh)
         if own is not None:
             row["mean_px_vs_self"], row["max_px_vs_self"] = grid_error(reg.matrix, own @ np.linalg.inv(G), vis_wh)
+            row.update(fit)
         if overlay:
             write_overlay(overlay, iw, vis, reg, max_width=1200)
         rows.append(row)
     return rows
 
 
-SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "coarse_ambiguity", "dense_correlation",
+SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "ambiguity", "dense_correlation",
                   "dense_uncertainty_px", "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
                   "verify_matches")
 
@@ -421,6 +430,20 @@ def confidence_markdown(rows: list[dict], edges=(0.0, 0.25, 0.5, 0.75, 0.9, 1.01
     return "\n".join(lines) + "\n"
 
 
+def reference_check(rows: list[dict]) -> str:
+    """Per data set: on how many unwarped pairs the pair's own registration fits better than the data set's
+    alignment (higher edge score, higher mutual information), and how far apart the two are."""
+    lines = []
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        pairs = {r["pair"]: r for r in rows if r["dataset"] == ds and "own_mi" in r}
+        if pairs:
+            rs = list(pairs.values())
+            lines.append(f"{ds}: the pair's own registration fits the unwarped pair better than the data set's "
+                         f"alignment on {sum(r['own_mi'] > r['reference_mi'] for r in rs)} of {len(rs)} pairs by "
+                         f"mutual information, {sum(r['own_edge'] > r['reference_edge'] for r in rs)} by edge score")
+    return "\n".join(lines) + "\n"
+
+
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -496,7 +519,7 @@ def write_synthetic(rows: list[dict], args: argparse.Namespace, out: Path) -> in
         confidence_markdown(rows)
     if any("mean_px_vs_self" in r for r in rows):
         table += ("\nAgainst each pair's own registration (the unwarped pair registered by the same method):\n\n"
-                  + synthetic_markdown(synthetic_summary(rows, key="mean_px_vs_self")))
+                  + synthetic_markdown(synthetic_summary(rows, key="mean_px_vs_self")) + "\n" + reference_check(rows))
     (out / "synthetic.md").write_text(table)
     if args.plot:
         _plot(rows, out / "synthetic.png")
