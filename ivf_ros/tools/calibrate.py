@@ -24,7 +24,7 @@ EXIT_REFUSED = 3
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ir", required=True, help="IR image, or a folder of IR frames (paired with --vis by file stem)")
     p.add_argument("--vis", required=True, help="visible image, or a folder of visible frames")
-    p.add_argument("--out", required=True, help="YAML file to write (the node's homography_file)")
+    p.add_argument("--out", required=True, help="YAML file to write (the node's registration.file)")
     p.add_argument("--points", help="CSV of point pairs 'ir_x,ir_y,vis_x,vis_y' in full-resolution pixels "
                                     "(header row allowed); without it the mapping is estimated automatically")
     p.add_argument("--model", choices=MODELS, default="homography", help="mapping model (default homography)")
