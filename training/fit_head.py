@@ -5,8 +5,8 @@
 With ``freeze_fusion`` the encoder's features of a training pair never change, so they are computed once per pair
 and per mirror image (``FusionStudent.encode``) and the head (``seg8``/``seg4``/``seg_head``) trains for ``head_fit.epochs`` epochs on
 whole images or, with ``head_fit.crop``, on windows of the whole image's features (half of them centred on an
-object): the corrected teacher soft targets (``loss.soft``) plus the hard targets
-(``loss.segmentation``, ``loss.class_weights``) of ``training/train.py``, many times the image passes of its
+object): the corrected teacher soft targets (``loss.soft``, where a data entry has a
+``teacher_cache``) plus the hard targets (``loss.segmentation``, ``loss.class_weights``) of ``training/train.py``, many times the image passes of its
 crop loop in the same time. The fusion output is that of ``init`` (its tensors are copied unchanged). Validates
 every ``head_fit.val_every`` epochs on ``val`` (model selection only) and writes ``OUT/best.safetensors``,
 ``OUT/last.safetensors`` and ``OUT/log.jsonl``.
@@ -26,10 +26,9 @@ from ivf_ros.checkpoint import save_checkpoint
 from ivf_ros.model import ARCHITECTURE, build_model, row_coordinates
 
 from .datasets import IGNORE, Sample, to_tensors
-from .label_cache import cache_info
 from .losses import segmentation_loss, soft_segmentation_loss
 from .train import (FUSION_MODULES, checkpoint_metadata, freeze, init_from, load_config, load_split,
-                    resolve_repo_path, seed_everything, selection_score, set_entry, teacher_of)
+                    resolve_repo_path, seed_everything, selection_score, set_entry)
 from .validate import VALIDATION_METRICS, validate
 
 HEAD_MODULES = ("seg8", "seg4", "seg_head")
@@ -71,23 +70,26 @@ def crop_at(s: Sample, crop: int, rng: np.random.Generator) -> tuple[int, int]:
     return y - y % 8, x - x % 8
 
 
+STRIDES = {"dec8_in": 8, "rows": 8, "f4": 4, "dec4_in": 4, "feats": 4}  # of the cached features
+
+
 def batch_of(samples, feats, picks, crop: int = 0, rng: np.random.Generator | None = None):
     """Stacked features and targets (soft, weight, hard) of ``picks`` [(sample index, mirrored)]: whole images, or
     ``crop`` x ``crop`` windows of the features of the whole image (the context the served head sees)."""
     enc, soft, weight, hard = {k: [] for k in feats[0][0]}, [], [], []
     for i, f in picks:
         s = samples[i]
-        targets = [np.ascontiguousarray(a[..., ::-1]) if f else a for a in (s.soft, s.weight, s.target)]
+        h, w = s.target.shape
         y, x = crop_at(s, crop, rng) if crop else (0, 0)
-        h, w = (crop, crop) if crop else s.target.shape
-        if crop and f:  # the same window of the mirrored arrays
-            x = s.target.shape[1] - crop - x
+        if crop and f:  # the same window of the mirrored arrays (features of the mirrored pair start at its left)
+            x = (w - crop - x) // 8 * 8
+        ch, cw = (crop, crop) if crop else (h, w)
         for k, v in feats[i][f].items():
-            r = s.target.shape[0] // v.shape[-2]
-            enc[k].append(v[:, y // r:(y + h) // r, x // r:(x + w) // r])
-        for out, a in zip((soft, weight, hard), targets):
-            r = s.target.shape[0] // a.shape[-2]
-            out.append(a[..., y // r:(y + h) // r, x // r:(x + w) // r])
+            r = STRIDES[k]
+            enc[k].append(v[:, y // r:-(-(y + ch) // r), x // r:-(-(x + cw) // r)])
+        for out, a, r in ((soft, s.soft, s.scale), (weight, s.weight, s.scale), (hard, s.target, 1)):
+            a = a[..., ::-1] if f else a
+            out.append(a[..., y // r:(y + ch) // r, x // r:(x + cw) // r])
     return ({k: torch.stack(v).float() for k, v in enc.items()},
             *(torch.from_numpy(np.stack(a).astype(t)) for a, t in ((soft, np.float32), (weight, np.float32),
                                                                  (hard, np.int64))))
@@ -98,9 +100,8 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
     seed_everything(int(cfg.get("seed", 0)))
     hf, wl, classes = cfg.get("head_fit", {}), cfg["loss"], cfg["classes"]
     torch.set_num_threads(int(cfg["train"].get("threads", torch.get_num_threads())))
-    teacher = teacher_of(cfg)
-    if not cfg.get("freeze_fusion") or not cfg.get("init") or not teacher:
-        raise ValueError("fit_head needs freeze_fusion, an init checkpoint and teacher_cache data entries")
+    if not cfg.get("freeze_fusion") or not cfg.get("init"):
+        raise ValueError("fit_head needs freeze_fusion and an init checkpoint (the fusion weights)")
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(ARCHITECTURE, {"num_classes": len(classes), **cfg["model"]})
     fresh = init_from(model, resolve_repo_path(cfg["init"]))
@@ -114,8 +115,11 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
                     if hasattr(m, "reset_parameters"):
                         m.reset_parameters()
     samples = [s for i, e in enumerate(cfg["data"]) for s in load_split(e, classes, cfg.get("label_rule"))]
-    samples = [s for s in samples if s.soft is not None]
-    scale = int(cache_info(resolve_repo_path(teacher["caches"][0]))["scale"])
+    samples = [s for s in samples if s.target is not None]
+    for s in samples:  # pairs without teacher targets: hard labels only
+        if s.soft is None:
+            s.soft = np.zeros((len(classes), *s.target.shape), np.float16)
+            s.weight, s.scale = np.zeros(s.target.shape, np.float16), 1
     feats = cache_features(model, samples, progress)
     val_samples = load_split(cfg["val"], classes)
     fusion = validate(model, val_samples, classes, progress=False)
@@ -123,9 +127,10 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
     freeze(model, FUSION_MODULES)
     params = [p for p in model.parameters() if p.requires_grad]
     epochs, batch, crop = int(hf.get("epochs", 40)), int(hf.get("batch", 4)), int(hf.get("crop", 0))
-    if crop and (crop % 8 or any(min(s.target.shape) < crop or s.target.shape[0] % 8 or s.target.shape[1] % 8
-                                 for s in samples)):
-        raise ValueError(f"head_fit.crop {crop}: must be a multiple of 8 within training pairs whose sides are too")
+    small = [s.stem for s in samples if min(s.target.shape) < crop]
+    if crop % 8 or small or (not crop and len({s.target.shape for s in samples}) > 1):
+        raise ValueError(f"head_fit.crop {crop}: must be a multiple of 8 and fit every training pair "
+                         f"({', '.join(small[:3]) or 'whole images need one size'})")
     per_epoch = max(1, len(samples) // batch)
     opt = torch.optim.AdamW(params, lr=float(hf.get("lr", 0.003)), weight_decay=cfg["train"].get("weight_decay", 1e-4))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(hf.get("lr", 0.003)),
