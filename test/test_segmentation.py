@@ -229,7 +229,7 @@ def test_short_distillation_lowers_the_segmentation_loss(tmp_path):
     cfg.update(init=None, data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train",
                                  "teacher_cache": str(cache)}],
                val={"root": str(tmp_path / "data"), "layout": "pairs", "split": "val"})
-    cfg["model"].update(seg_width=16)
+    cfg["model"].update(seg_width=16, seg_rows=0)
     cfg["train"].update(steps=40, batch=4, crop=64, val_every=40, lr=0.01, threads=1)
     torch.manual_seed(0)
     train(cfg, tmp_path / "run", progress=False)
@@ -255,7 +255,7 @@ def test_head_fit_on_cached_features_lowers_the_loss_and_keeps_the_fusion(tmp_pa
     cfg.update(init=str(tmp_path / "init.safetensors"),
                data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train", "teacher_cache": str(cache)}],
                val={"root": str(tmp_path / "data"), "layout": "pairs", "split": "val"},
-               head_fit={"epochs": 30, "batch": 2, "lr": 0.01, "val_every": 30})
+               head_fit={"epochs": 30, "batch": 2, "crop": 64, "lr": 0.01, "val_every": 30})
     cfg["model"].update(width=8, seg_width=8, seg_context=8)
     best = fit_head(cfg, tmp_path / "run", progress=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
