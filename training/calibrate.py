@@ -23,7 +23,7 @@ from ivf_ros.metrics import BoxScorer
 from .datasets import to_tensors
 from .train import load_split
 
-OFFSETS = tuple(np.arange(-3.0, 3.01, 0.25))
+OFFSETS = tuple(np.arange(-3.0, 3.01, 0.5))
 PENALTY = 4.0  # per unit of precision below the floor: outweighs any F it buys
 
 
@@ -55,7 +55,7 @@ def score(logits, samples, classes, bias: np.ndarray) -> BoxScorer:
     return scorer
 
 
-def calibrate(model, samples, classes, rounds: int = 2, min_precision: float = 0.0) -> tuple[np.ndarray, float, float]:
+def calibrate(model, samples, classes, rounds: int = 1, min_precision: float = 0.0) -> tuple[np.ndarray, float, float]:
     """(offsets per class, objective before, after)."""
     logits = head_logits(model.eval(), samples)
     bias = np.zeros(len(classes))
@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--data", default="msrs", help="pairs with boxes/ (default msrs under the data root)")
     ap.add_argument("--every", type=int, default=2, help="use every N-th training pair (default 2: faster)")
-    ap.add_argument("--min-precision", type=float, default=0.8, help="precision floor per class (default 0.8)")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--min-precision", type=float, default=0.0, help="precision floor per class (default none)")
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
