@@ -84,7 +84,9 @@ class FusionStudent(nn.Module):
         self.dec4 = _block(4 * w, 2 * w)
         self.coeff_head = nn.Conv2d(2 * w, len(_COEFF_OFFSET), 3, padding=1)
         if seg_width and seg_context:  # own 1/8 path on dec8's input
-            self.seg8 = nn.Sequential(_block(6 * w + seg_rows, seg_context), _block(seg_context, seg_context))
+            self.seg8 = nn.Sequential(_block(6 * w, seg_context), _block(seg_context, seg_context))
+            if seg_rows:  # the rows' term, added after the first block's BatchNorm (folding leaves it alone)
+                self.seg_rows_conv = nn.Conv2d(1, seg_context, 3, padding=1, bias=False)
         if seg_width:  # own path: up(d8 or seg8) + f4, not dec4's output
             self.seg4 = nn.ModuleList([_block((seg_context or 2 * w) + 2 * w, seg_width)] +
                                       [_block(seg_width, seg_width) for _ in range(seg_depth - 1)])
@@ -155,9 +157,13 @@ class FusionStudent(nn.Module):
         x = enc["f4"] if self.seg_context else enc["dec4_in"]
         if self.seg_context:
             x8 = enc["dec8_in"]
-            if self.seg_rows:
-                x8 = torch.cat([x8, enc["rows"] if "rows" in enc else row_coordinates(x8)], dim=1)
-            up = F.interpolate(self.seg8(x8), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            if self.seg_rows:  # a separate 1-channel convolution: a 97-channel input is ~20% slower on the CPU
+                conv, bn, relu = self.seg8[0]
+                rows = enc["rows"] if "rows" in enc else row_coordinates(x8)
+                x8 = self.seg8[1](relu(bn(conv(x8)) + self.seg_rows_conv(rows)))
+            else:
+                x8 = self.seg8(x8)
+            up = F.interpolate(x8, size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([up, enc["f4"]], dim=1)
         for block in self.seg4:
             x = block(x)
