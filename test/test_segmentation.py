@@ -253,7 +253,8 @@ def test_head_fit_on_cached_features_lowers_the_loss_and_keeps_the_fusion(tmp_pa
                                                          "training": {"data": "test"}})
     cfg = load_config("training/configs/segmentation.yaml")
     cfg.update(init=str(tmp_path / "init.safetensors"),
-               data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train", "teacher_cache": str(cache)}],
+               data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train",
+                      "teacher_cache": str(cache)}],
                val={"root": str(tmp_path / "data"), "layout": "pairs", "split": "val"},
                head_fit={"epochs": 30, "batch": 2, "crop": 64, "lr": 0.01, "val_every": 30})
     cfg["model"].update(width=8, seg_width=8, seg_context=8)

@@ -3,13 +3,13 @@
     python -m training.fit_head --config training/configs/segmentation.yaml [--out DIR] [--set KEY=VALUE ...]
 
 With ``freeze_fusion`` the encoder's features of a training pair never change, so they are computed once per pair
-and per mirror image (``FusionStudent.encode``) and the head (``seg8``/``seg4``/``seg_head``) trains for ``head_fit.epochs`` epochs on
-whole images or, with ``head_fit.crop``, on windows of the whole image's features (half of them centred on an
-object): the corrected teacher soft targets (``loss.soft``, where a data entry has a
-``teacher_cache``) plus the hard targets (``loss.segmentation``, ``loss.class_weights``) of ``training/train.py``, many times the image passes of its
-crop loop in the same time. The fusion output is that of ``init`` (its tensors are copied unchanged). Validates
-every ``head_fit.val_every`` epochs on ``val`` (model selection only) and writes ``OUT/best.safetensors``,
-``OUT/last.safetensors`` and ``OUT/log.jsonl``.
+and per mirror image (``FusionStudent.encode``) and the head (``HEAD_MODULES``) trains for ``head_fit.epochs``
+epochs on whole images or, with ``head_fit.crop``, on windows of the whole image's features (half of them centred
+on an object), ~10x the steps of ``training/train.py``'s crop loop in the same time. Losses: the corrected teacher
+soft targets (``loss.soft``, where a data entry has a ``teacher_cache``) plus the hard targets
+(``loss.segmentation``, ``loss.class_weights``). The fusion output is that of ``init`` (its tensors are copied
+unchanged). Validates every ``head_fit.val_every`` epochs on ``val`` (model selection only) and writes
+``OUT/best.safetensors``, ``OUT/last.safetensors`` and ``OUT/log.jsonl``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from .train import (FUSION_MODULES, checkpoint_metadata, freeze, init_from, load
                     resolve_repo_path, seed_everything, selection_score, set_entry)
 from .validate import VALIDATION_METRICS, validate
 
-HEAD_MODULES = ("seg8", "seg4", "seg_head")
+HEAD_MODULES = ("seg8", "seg_rows_conv", "seg4", "seg_head")
 
 
 def head_inputs(model, ir: torch.Tensor, vis_y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -120,17 +120,17 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
         if s.soft is None:
             s.soft = np.zeros((len(classes), *s.target.shape), np.float16)
             s.weight, s.scale = np.zeros(s.target.shape, np.float16), 1
+    epochs, batch, crop = int(hf.get("epochs", 40)), int(hf.get("batch", 4)), int(hf.get("crop", 0))
+    small = [s.stem for s in samples if min(s.target.shape) < crop]
+    if crop % 8 or small or (not crop and len({s.target.shape for s in samples}) > 1):
+        raise ValueError(f"head_fit.crop {crop}: must be a multiple of 8 and fit every training pair "
+                         f"({', '.join(small[:3]) or 'whole images need one size'})")
     feats = cache_features(model, samples, progress)
     val_samples = load_split(cfg["val"], classes)
     fusion = validate(model, val_samples, classes, progress=False)
     fusion = {k: fusion[k] for k in VALIDATION_METRICS}
     freeze(model, FUSION_MODULES)
     params = [p for p in model.parameters() if p.requires_grad]
-    epochs, batch, crop = int(hf.get("epochs", 40)), int(hf.get("batch", 4)), int(hf.get("crop", 0))
-    small = [s.stem for s in samples if min(s.target.shape) < crop]
-    if crop % 8 or small or (not crop and len({s.target.shape for s in samples}) > 1):
-        raise ValueError(f"head_fit.crop {crop}: must be a multiple of 8 and fit every training pair "
-                         f"({', '.join(small[:3]) or 'whole images need one size'})")
     per_epoch = max(1, len(samples) // batch)
     opt = torch.optim.AdamW(params, lr=float(hf.get("lr", 0.003)), weight_decay=cfg["train"].get("weight_decay", 1e-4))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(hf.get("lr", 0.003)),
@@ -141,7 +141,8 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
     cfg = {**cfg, "segmentation_targets": cfg.get("segmentation_targets", "teacher soft targets corrected by the "
                                                   "boxes (training/label_rule.py), head fitted on cached features "
                                                   "(training/fit_head.py)")}
-    cfg["train"] = {**cfg["train"], "steps": epochs * per_epoch, "head_fit": {**hf, "epochs": epochs, "batch": batch, "crop": crop}}
+    cfg["train"] = {**cfg["train"], "steps": epochs * per_epoch,
+                    "head_fit": {**hf, "epochs": epochs, "batch": batch, "crop": crop}}
     log = open(out / "log.jsonl", "w")
     bar = tqdm(total=epochs * per_epoch, desc="head", disable=not progress, dynamic_ncols=True)
     for epoch in range(1, epochs + 1):
