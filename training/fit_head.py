@@ -31,7 +31,7 @@ from .train import (FUSION_MODULES, checkpoint_metadata, freeze, init_from, load
                     resolve_repo_path, seed_everything, selection_score, set_entry)
 from .validate import VALIDATION_METRICS, validate
 
-HEAD_MODULES = ("seg8", "seg_rows_conv", "seg4", "seg_head")
+HEAD_MODULES = ("seg8", "seg4", "seg_head")  # reset by fresh_head (a row convolution keeps what init gives)
 
 
 def head_inputs(model, ir: torch.Tensor, vis_y: torch.Tensor) -> dict[str, torch.Tensor]:
