@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ivf_ros.checkpoint import load_checkpoint
+from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.data import data_root, read_ir, read_vis
-from ivf_ros.model import FusionStudent
+from ivf_ros.model import FusionStudent, row_coordinates
 from training.datasets import IGNORE, Sample, TeacherCropDataset
 from training.finetune import main as finetune_main
 from training.label_cache import build_cache, read_cache, soft_targets
@@ -132,7 +132,8 @@ def test_soft_loss_is_lowest_at_the_target_and_ignores_zero_weight():
     assert soft_segmentation_loss(bad, soft, torch.zeros(1, 8, 8)).item() == 0.0
 
 
-@pytest.mark.parametrize("hp", [{}, {"seg_width": 16}, {"seg_width": 16, "seg_depth": 2}])
+@pytest.mark.parametrize("hp", [{}, {"seg_width": 16}, {"seg_width": 16, "seg_depth": 2},
+                                {"seg_width": 16, "seg_context": 8, "seg_rows": 1}])
 def test_head_shapes_fold_and_hyper_parameters(hp):
     model = FusionStudent(width=8, **hp)
     model.train()
@@ -152,6 +153,21 @@ def test_head_shapes_fold_and_hyper_parameters(hp):
     assert FusionStudent(**model.hyper_parameters()).hyper_parameters() == model.hyper_parameters()
     assert model.hyper_parameters() == {"num_classes": 4, "width": 8, **hp, **({"seg_depth": 1} if hp and
                                                                                "seg_depth" not in hp else {})}
+
+
+def test_row_channel_tells_the_head_where_in_the_frame_it_is():
+    assert torch.allclose(row_coordinates(torch.zeros(2, 5, 4, 3))[:, 0, :, 0], torch.tensor([0.125, 0.375, 0.625,
+                                                                                                 0.875]).expand(2, 4))
+    torch.manual_seed(0)
+    model = FusionStudent(width=8, seg_width=8, seg_context=8, seg_rows=1).eval()
+    enc = {"dec8_in": torch.zeros(1, 48, 8, 8), "f4": torch.zeros(1, 16, 16, 16)}
+    with torch.no_grad():
+        logits = model.head_logits(enc)[0]
+        top_rows = model.head_logits({**enc, "rows": torch.zeros(1, 1, 8, 8)})[0]
+    assert not torch.allclose(logits[:, 4:6, 4:12], logits[:, 10:12, 4:12])  # flat input: only the row differs
+    assert torch.allclose(top_rows[:, 4:6, 4:12], top_rows[:, 10:12, 4:12])
+    with pytest.raises(ValueError, match="seg_rows"):
+        FusionStudent(width=8, seg_width=8, seg_rows=1)
 
 
 def test_frozen_fusion_keeps_the_fused_image_while_the_head_learns():
@@ -213,7 +229,7 @@ def test_short_distillation_lowers_the_segmentation_loss(tmp_path):
     cfg.update(init=None, data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train",
                                  "teacher_cache": str(cache)}],
                val={"root": str(tmp_path / "data"), "layout": "pairs", "split": "val"})
-    cfg["model"].update(seg_width=16)
+    cfg["model"].update(seg_width=16, seg_rows=0)
     cfg["train"].update(steps=40, batch=4, crop=64, val_every=40, lr=0.01, threads=1)
     torch.manual_seed(0)
     train(cfg, tmp_path / "run", progress=False)
@@ -224,6 +240,32 @@ def test_short_distillation_lowers_the_segmentation_loss(tmp_path):
     teacher = meta["training"]["segmentation_teacher"]
     assert teacher["teacher"] == "crafted" and teacher["label_rule"]["fill"] == ["hot", "rect", "rect"]
     assert meta["hyper_parameters"]["seg_width"] == 16 and "mean_f" in meta["validation"]
+
+
+def test_head_fit_on_cached_features_lowers_the_loss_and_keeps_the_fusion(tmp_path):
+    from training.fit_head import fit_head
+
+    cache = _write_dataset(tmp_path / "data")
+    torch.manual_seed(0)
+    init = FusionStudent(width=8)
+    torch.nn.init.normal_(init.coeff_head.weight, std=0.1)
+    save_checkpoint(tmp_path / "init.safetensors", init, {"classes": CLASSES, "palette": [[0, 0, 0]] * 4,
+                                                         "training": {"data": "test"}})
+    cfg = load_config("training/configs/segmentation.yaml")
+    cfg.update(init=str(tmp_path / "init.safetensors"),
+               data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train",
+                      "teacher_cache": str(cache)}],
+               val={"root": str(tmp_path / "data"), "layout": "pairs", "split": "val"},
+               head_fit={"epochs": 30, "batch": 2, "crop": 64, "lr": 0.01, "val_every": 30})
+    cfg["model"].update(width=8, seg_width=8, seg_context=8)
+    best = fit_head(cfg, tmp_path / "run", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    seg = [x["segmentation"] + x["soft"] for x in log if "soft" in x]
+    assert np.mean(seg[-3:]) < 0.5 * np.mean(seg[:3])
+    model, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    fused = {k: v for k, v in init.state_dict().items() if k.split(".")[0] in FUSION_MODULES}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fused.items())
+    assert meta["training"]["segmentation_teacher"]["teacher"] == "crafted" and "mean_f" in best
 
 
 def test_teacher_crops_align_soft_targets_with_the_image():
@@ -256,10 +298,11 @@ def test_finetune_command_on_generated_label_images(tmp_path):
         cv2.imwrite(str(root / "vi" / f"{i}.png"), np.dstack([ir] * 3))
         cv2.imwrite(str(root / "Label" / f"{i}.png"), label)
     out = tmp_path / "run"
-    assert finetune_main([str(root), "--layout", "msrs", "--steps", "4", "--out", str(out),
-                          "--set", "train.crop=64", "train.batch=2"]) == 0
+    assert finetune_main([str(root), "--layout", "msrs", "--epochs", "2", "--out", str(out),
+                          "--set", "head_fit.crop=64", "head_fit.batch=2"]) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [0, 4] and "person_f" in log[0]  # judged on boxes of the label regions
+    validations = [r for r in log if "score" in r]
+    assert [r["epoch"] for r in validations] == [2] and "person_f" in validations[0]  # boxes of the label regions
     model, meta = load_checkpoint(out / "best.safetensors")
     assert meta["training"]["freeze_fusion"] is True and "msrs layout" in meta["training"]["segmentation_targets"]
 
