@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from ivf_ros.imageops import merge_luminance, split_luminance
-from ivf_ros.metrics import BoxScorer, fusion_metrics, regions_to_boxes, to_gray
+from ivf_ros.evaluation import Scored, evaluate, served
+from ivf_ros.metrics import regions_to_boxes
 
 from .datasets import Sample, to_tensors
 
@@ -18,29 +17,26 @@ def validate(model: torch.nn.Module, samples: list[Sample], classes: list[str], 
              fusion: bool = True) -> dict:
     """Mean fusion metrics over ``samples`` and, where boxes exist, per class the region F1 (``<class>_f1``) and
     the judge's pixel precision, box recall and F (``<class>_p``, ``<class>_r``, ``<class>_f``) and ``mean_f``.
-    ``fusion=False`` skips the fusion metrics (when they cannot change)."""
+    ``fusion=False`` skips the fusion metrics (when they cannot change). Scored by ``ivf_ros.evaluation``, as
+    ``ivf eval`` scores the served output."""
     model.eval()
-    sums = dict.fromkeys(VALIDATION_METRICS, 0.0)
-    scorer = BoxScorer(classes)
-    has_boxes = False
-    for s in tqdm(samples, desc="validate", disable=not progress, leave=False):
+
+    def score(s: Sample) -> Scored:
         ir, vis_y, _ = to_tensors(s.ir, s.vis)
         fused, logits = model(ir[None], vis_y[None])
-        if fusion:  # scored as `ivf eval` scores the served output: colour restored, then gray
-            fused_gray = to_gray(merge_luminance(fused[0, 0].numpy(), split_luminance(s.vis)[1]))
-            values = fusion_metrics(s.ir.astype(np.float64), to_gray(s.vis), fused_gray, VALIDATION_METRICS)
-            for k in VALIDATION_METRICS:
-                sums[k] += values[k]
         boxes = s.boxes if s.boxes is not None else label_boxes(s.target, len(classes))
-        if boxes is not None:
-            has_boxes = True
-            scorer.add(logits[0].numpy().argmax(0).astype(np.uint8), boxes)  # NumPy: torch argmax(0) is slow here
-    out = {k: v / max(1, len(samples)) for k, v in sums.items()} if fusion else {}
-    if has_boxes:
-        for name, stats in scorer.summary().items():
+        labels = {"model": logits[0].numpy().argmax(0).astype(np.uint8)} if boxes is not None else {}
+        return Scored(s.ir, s.vis, {"model": served(fused[0, 0].numpy(), s.vis)} if fusion else {}, labels, boxes)
+
+    evaluation = evaluate(samples, score, ["model"], classes, VALIDATION_METRICS if fusion else (), trivial=False,
+                          progress=progress, desc="validate")
+    out = evaluation.fusion()["model"]
+    segmentation = evaluation.segmentation("model")
+    if segmentation is not None:
+        for name, stats in segmentation["classes"].items():
             out.update({f"{name}_f1": stats["f1"], f"{name}_p": stats["px_precision"], f"{name}_r": stats["box_recall"],
                         f"{name}_f": stats["f"]})
-        out["mean_f"] = scorer.mean_f()
+        out["mean_f"] = segmentation["mean_f"]
     return out
 
 
