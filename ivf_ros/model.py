@@ -67,8 +67,8 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Class ids (N x H x W int64) of ``logits`` (N x C x h x w) upsampled bilinearly to ``size``, without
-    upsampling them where it cannot matter.
+    """Class ids (N x H x W, uint8 or int64) of ``logits`` (N x C x h x w) upsampled bilinearly to ``size``,
+    without upsampling them where it cannot matter.
 
     For exactly 4x upsampling each output pixel is a convex combination of the 2 x 2 logit vectors around it, so
     where all four have the same argmax the result has it too; only the 4 x 4 output blocks of the other cells
@@ -81,7 +81,7 @@ def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     # Replicate padding turns the border clamping of bilinear interpolation into interior cells: cell (i, j) of
     # the padded grid covers output rows 4i-2 .. 4i+1 and columns 4j-2 .. 4j+1.
     padded = F.pad(logits, (1, 1, 1, 1), mode="replicate")
-    corners = padded.argmax(1)
+    corners = padded.argmax(1).to(torch.uint8)  # class ids fit: at most 255 classes
     tl = corners[:, :-1, :-1]
     mixed = (tl != corners[:, :-1, 1:]) | (tl != corners[:, 1:, :-1]) | (tl != corners[:, 1:, 1:])
     blocks = tl[..., None, None].repeat(1, 1, 1, 4, 4)  # N x (h+1) x (w+1) x 4 x 4
@@ -90,7 +90,7 @@ def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
         rows = padded.permute(0, 2, 3, 1)  # N x (h+2) x (w+2) x C
         vecs = torch.stack([rows[b, i, j], rows[b, i, j + 1], rows[b, i + 1, j], rows[b, i + 1, j + 1]])  # 4 x K x C
         pixels = (_cell_weights(logits.dtype) @ vecs.view(4, -1)).view(16, len(b), c)  # one matmul, C last
-        blocks[b, i, j] = pixels.argmax(-1).T.reshape(-1, 4, 4)
+        blocks[b, i, j] = pixels.argmax(-1).T.reshape(-1, 4, 4).to(torch.uint8)
     return blocks.permute(0, 1, 3, 2, 4).reshape(n, 4 * h + 4, 4 * w + 4)[:, 2:-2, 2:-2]
 
 
@@ -182,7 +182,8 @@ class FusionStudent(nn.Module):
         maps = torch.stack([m, k_ir, k_vis, level], dim=1)  # contiguous planes: upsampled 2x faster than NHWC
         m, k_ir, k_vis, level = upsample(maps, ir.shape[-2:]).unbind(dim=1)
         ir1, vis1 = ir[:, 0], vis_y[:, 0]
-        fused = m * torch.maximum(ir1, vis1) + k_ir * ir1 + k_vis * vis1 + level
+        fused = torch.addcmul(level, m, torch.maximum(ir1, vis1))  # fused multiply-adds: fewer full-size passes
+        fused = torch.addcmul(torch.addcmul(fused, k_ir, ir1), k_vis, vis1)
         return fused.unsqueeze(1).clamp(0.0, 1.0)
 
     def fuse_and_label(self, ir: torch.Tensor, vis_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
