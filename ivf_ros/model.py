@@ -61,9 +61,10 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if not _eager_cpu(x):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     n, c = x.shape[:2]
-    planes = x.float().contiguous().view(n * c, *x.shape[-2:]).numpy()
-    out = [torch.from_numpy(cv2.resize(p, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)) for p in planes]
-    return torch.stack(out).view(n, c, *size).to(x.dtype)
+    out = torch.empty((n, c, *size), dtype=torch.float32)
+    for src, dst in zip(x.float().contiguous().view(n * c, *x.shape[-2:]).numpy(), out.view(n * c, *size).numpy()):
+        cv2.resize(src, (size[1], size[0]), dst=dst, interpolation=cv2.INTER_LINEAR)  # written in place
+    return out.to(x.dtype)
 
 
 def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
