@@ -15,13 +15,16 @@ for networks without a segmentation head, such as the SAGE reference). Any netwo
 
 On a CPU shared with other processes, start the process with ``OMP_WAIT_POLICY=PASSIVE`` (it must be set before
 torch is imported): with the default spin-waiting, two OpenMP threads on two busy cores made a 32-channel convolution
-20x slower here. ONNX Runtime's pool is set not to spin for the same reason.
+20x slower here. ONNX Runtime's pool is set not to spin for the same reason. CPU backends also make glibc's malloc
+keep freed memory for reuse (``keep_freed_memory``).
 """
 from __future__ import annotations
 
 import copy
+import ctypes
 import io
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -32,16 +35,17 @@ import torch.nn as nn
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 ONNX_BACKENDS = BACKENDS[2:]  # run exported ONNX (and so can take an onnx_path)
 INPUT_NAMES = ("ir", "vis_y")
-POOL_FACTOR = 4  # model.base_layer's default: the only adaptive pooling in the exported networks
+POOL_FACTOR = 4  # model.grid_average pools to ceil(size / 4): the only adaptive pooling exported
 DEFAULT_ENGINE_CACHE = Path(os.environ.get("IVF_ENGINE_CACHE", Path.home() / ".cache" / "ivf_ros" / "tensorrt"))
 
 
 class _WithLabels(nn.Module):
     """Wraps a network to return ``(fused,)`` or ``(fused, labels)``: uint8 class ids instead of logits.
 
-    The argmax is taken channel-last in torch (~10x faster on the CPU for channels-last logits) and over the
-    channel axis in exported graphs (inside the graph: measured faster than NumPy on the logits, and 16x less
-    data to hand back).
+    Networks with ``fuse_and_label`` (the student) give their labels directly, except in exported graphs; there
+    the argmax of the upsampled logits is taken over the channel axis inside the graph (measured faster than NumPy
+    on the logits, and 16x less data to hand back). Otherwise it is taken channel-last in torch (~10x faster on the
+    CPU for channels-last logits).
     """
 
     def __init__(self, net: nn.Module):
@@ -49,15 +53,30 @@ class _WithLabels(nn.Module):
         self.net = net
 
     def forward(self, ir: torch.Tensor, vis_y: torch.Tensor):
+        exporting = torch.onnx.is_in_onnx_export()
+        if hasattr(self.net, "fuse_and_label") and not exporting:
+            fused, labels = self.net.fuse_and_label(ir, vis_y)
+            return fused.float(), labels.to(torch.uint8)
         out = self.net(ir, vis_y)
         if isinstance(out, torch.Tensor):
             return (out.float(),)
         fused, logits = out
-        if torch.onnx.is_in_onnx_export():
-            labels = logits.argmax(1)
-        else:
-            labels = logits.permute(0, 2, 3, 1).argmax(-1)
+        labels = logits.argmax(1) if exporting else logits.permute(0, 2, 3, 1).argmax(-1)
         return fused.float(), labels.to(torch.uint8)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse (mmap threshold 32 MB, trim threshold 256 MB) instead of
+    returning it to the system; returns whether it could. With the default adaptive thresholds a 640x480 pair's
+    large temporaries came back as fresh pages: about 5,500 page faults and 10-15 ms of kernel time per pair
+    here, about 30 faults after. The process keeps at most its peak heap; other C libraries are unaffected."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt  # the libc already loaded into this process
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 256 << 20))
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 def prepare_module(model: nn.Module) -> nn.Module:
@@ -163,8 +182,8 @@ def export_onnx(model: nn.Module, path: str | Path | io.BytesIO, height: int = 4
 
 
 def _register_pooling_symbolic(opset: int) -> None:
-    """Export the student's low-pass pooling (``adaptive_avg_pool2d`` to a quarter of the size, see
-    ``model.base_layer``; its traced output size is not a constant) as an exact AveragePool when the windows are
+    """Export the student's low-pass pooling (``adaptive_avg_pool2d`` to the coefficient grid, ceil(size / 4), see
+    ``model.grid_average``; its traced output size is not a constant) as an exact AveragePool when the windows are
     even, or as MatMuls with constant pooling matrices when they are not."""
     from torch.onnx import register_custom_op_symbolic, symbolic_helper
 
@@ -172,8 +191,8 @@ def _register_pooling_symbolic(opset: int) -> None:
         h, w = symbolic_helper._get_tensor_sizes(x)[-2:]
         if h is None or w is None or (h % POOL_FACTOR == 0 and w % POOL_FACTOR == 0):
             return g.op("AveragePool", x, kernel_shape_i=[POOL_FACTOR] * 2, strides_i=[POOL_FACTOR] * 2)
-        rows = _pooling_matrix(h, max(1, h // POOL_FACTOR)).T.contiguous()  # h x out_h
-        cols = _pooling_matrix(w, max(1, w // POOL_FACTOR)).T.contiguous()  # w x out_w
+        rows = _pooling_matrix(h, -(-h // POOL_FACTOR)).T.contiguous()  # h x out_h
+        cols = _pooling_matrix(w, -(-w // POOL_FACTOR)).T.contiguous()  # w x out_w
         pooled_w = g.op("MatMul", x, g.op("Constant", value_t=cols))  # N x C x h x out_w
         pooled_t = g.op("MatMul", g.op("Transpose", pooled_w, perm_i=[0, 1, 3, 2]), g.op("Constant", value_t=rows))
         return g.op("Transpose", pooled_t, perm_i=[0, 1, 3, 2])
@@ -301,6 +320,8 @@ def make_backend(name: str, model: nn.Module | None, device: str | torch.device 
     ``engine_cache`` is where the TensorRT backend keeps its engines.
     """
     device = torch.device(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if name in ("torch", "compile"):
         if model is None:
             raise ValueError(f"backend '{name}' needs a model")

@@ -8,7 +8,10 @@ only a few element-wise operations at full resolution.
 
     fused = m * max(ir, vis) + a_ir * base(ir) + a_vis * base(vis) + c + k_ir * detail(ir) + k_vis * detail(vis)
 
-where base() is a smooth low-pass image and detail() = image - base().
+where base() is the area average of the image on the coefficient grid and detail() = image - base(). It is
+evaluated regrouped, with the base terms on that grid: up(m) * max + up(k_ir) * ir + up(k_vis) * vis + up(level),
+level = (a_ir - k_ir) * base(ir) + (a_vis - k_vis) * base(vis) + c, so only four maps are upsampled (up() is
+bilinear; up(a * b) differs from up(a) * up(b) only where both vary within a grid cell).
 
 Segmentation: with ``seg_width`` 0 (checkpoints before the distilled head) a 1x1 head on the shared 1/4 decoder
 features. With ``seg_width`` > 0 the head has its own decoder path: ``seg_depth`` 3x3 blocks of ``seg_width``
@@ -22,6 +25,7 @@ features was measured at +20 ms per 640x480 pair on 2 threads, over the time bud
 """
 from __future__ import annotations
 
+import cv2
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,11 +51,80 @@ def row_coordinates(x: torch.Tensor) -> torch.Tensor:
     return (ones.cumsum(2) - 0.5) / ones.sum(2, keepdim=True)
 
 
-def base_layer(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
-    """A smooth low-pass version of ``x`` (area downsample, bilinear upsample), same size as ``x``."""
-    h, w = x.shape[-2:]
-    small = F.adaptive_avg_pool2d(x, (max(1, h // factor), max(1, w // factor)))
-    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+def grid_average(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Area average of ``x`` on a ``grid`` (the coefficient grid, ceil(size / 4)): the fusion rule's base()."""
+    return F.adaptive_avg_pool2d(x, grid)
+
+
+def _eager_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a CPU tensor outside autograd, export, tracing and compilation: where the inference
+    shortcuts below (OpenCV, data-dependent shapes) may run."""
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export()
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling (half-pixel centres, ``align_corners=False``) of N x C x h x w maps to ``size``; on the
+    CPU outside autograd by OpenCV's resize (same convention, within 1e-6; 2-4x faster here than torch's)."""
+    if not _eager_cpu(x):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    n, c = x.shape[:2]
+    out = torch.empty((n, c, *size), dtype=torch.float32)
+    for src, dst in zip(x.float().contiguous().view(n * c, *x.shape[-2:]).numpy(), out.view(n * c, *size).numpy()):
+        cv2.resize(src, (size[1], size[0]), dst=dst, interpolation=cv2.INTER_LINEAR)  # written in place
+    return out.to(x.dtype)
+
+
+def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Class ids (N x H x W, uint8 or int64) of ``logits`` (N x C x h x w) upsampled bilinearly to ``size``,
+    without upsampling them where it cannot matter.
+
+    For exactly 4x upsampling each output pixel is a convex combination of the 2 x 2 logit vectors around it, so
+    where all four have the same argmax the result has it too; only the 4 x 4 output blocks of the other cells
+    (class borders) are interpolated. Other sizes upsample everything. Same labels as the dense path up to
+    floating-point ties.
+    """
+    n, c, h, w = logits.shape
+    if tuple(size) != (4 * h, 4 * w) or not _eager_cpu(logits):  # nonzero() would sync a GPU, break a graph
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1).argmax(-1)
+    # Cell (i, j) of the grid padded by one (replicated) row and column on each side lies between padded pixels
+    # i, i + 1 and j, j + 1 and covers output rows 4i-2 .. 4i+1 and columns 4j-2 .. 4j+1; border clamping of the
+    # interpolation is then no special case. ri / ci map padded rows / columns to the unpadded ones.
+    ri = (torch.arange(h + 2) - 1).clamp(0, h - 1)
+    ci = (torch.arange(w + 2) - 1).clamp(0, w - 1)
+    corners = _argmax_few(logits, 1)[:, ri][:, :, ci]
+    tl = corners[:, :-1, :-1]
+    mixed = (tl != corners[:, :-1, 1:]) | (tl != corners[:, 1:, :-1]) | (tl != corners[:, 1:, 1:])
+    blocks = tl[..., None, None].repeat(1, 1, 1, 4, 4)  # N x (h+1) x (w+1) x 4 x 4
+    cell = mixed.flatten().nonzero().squeeze(1)
+    if len(cell):
+        b, rest = cell // ((h + 1) * (w + 1)), cell % ((h + 1) * (w + 1))
+        top, bottom = ri[rest // (w + 1)] * w + b * (h * w), ri[rest // (w + 1) + 1] * w + b * (h * w)
+        left, right = ci[rest % (w + 1)], ci[rest % (w + 1) + 1]
+        vectors = logits.permute(0, 2, 3, 1).reshape(-1, c)  # (N h w) x C
+        vecs = vectors.index_select(0, torch.cat([top + left, top + right, bottom + left, bottom + right]))
+        pixels = (_cell_weights(logits.dtype) @ vecs.view(4, -1)).view(16, len(cell), c)  # one matmul
+        blocks.view(-1, 16).index_copy_(0, cell, _argmax_few(pixels, 2).T)
+    return blocks.permute(0, 1, 3, 2, 4).reshape(n, 4 * h + 4, 4 * w + 4)[:, 2:-2, 2:-2]
+
+
+def _argmax_few(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """uint8 argmax (first maximum) over a short axis (at most 255 entries) by running comparisons: torch's argmax
+    over 4 classes took 10-50x longer here."""
+    planes = x.unbind(dim)
+    best, ids = planes[0], torch.zeros(planes[0].shape, dtype=torch.uint8)
+    for k, plane in enumerate(planes[1:], 1):
+        ids.masked_fill_(plane > best, k)
+        best = torch.maximum(best, plane)
+    return ids
+
+
+def _cell_weights(dtype: torch.dtype) -> torch.Tensor:
+    """16 x 4 bilinear weights of a cell's 4 x 4 output pixels (row-major) on its corners (top-left, top-right,
+    bottom-left, bottom-right) at 4x upsampling (sample offsets 1/8, 3/8, 5/8, 7/8)."""
+    f = (torch.arange(4, dtype=torch.float64) + 0.5) / 4
+    axis = torch.stack([1 - f, f], 1)  # 4 x 2: weights of the near and far corner along one axis
+    return torch.einsum("ya,xb->yxab", axis, axis).reshape(16, 4).to(dtype)
 
 
 class FusionStudent(nn.Module):
@@ -134,16 +207,21 @@ class FusionStudent(nn.Module):
 
     def fuse_with(self, feats: torch.Tensor, ir: torch.Tensor, vis_y: torch.Tensor) -> torch.Tensor:
         """Apply the coefficient head to full-resolution sources; returns fused luminance in [0, 1]."""
-        size = ir.shape[-2:]
         coeff = self.coeff_head(feats) + self.coeff_offset
-        coeff = F.interpolate(coeff, size=size, mode="bilinear", align_corners=False)
         m, a_ir, a_vis, c, k_ir, k_vis = coeff.unbind(dim=1)
-        base = base_layer(torch.cat([ir, vis_y], dim=1))
-        b_ir, b_vis = base.unbind(dim=1)
+        base_ir, base_vis = grid_average(torch.cat([ir, vis_y], dim=1), coeff.shape[-2:]).unbind(dim=1)
+        level = (a_ir - k_ir) * base_ir + (a_vis - k_vis) * base_vis + c
+        maps = torch.stack([m, k_ir, k_vis, level], dim=1)  # contiguous planes: upsampled 2x faster than NHWC
+        m, k_ir, k_vis, level = upsample(maps, ir.shape[-2:]).unbind(dim=1)
         ir1, vis1 = ir[:, 0], vis_y[:, 0]
-        fused = m * torch.maximum(ir1, vis1) + a_ir * b_ir + a_vis * b_vis + c
-        fused = fused + k_ir * (ir1 - b_ir) + k_vis * (vis1 - b_vis)
+        fused = torch.addcmul(level, m, torch.maximum(ir1, vis1))  # fused multiply-adds: fewer full-size passes
+        fused = torch.addcmul(torch.addcmul(fused, k_ir, ir1), k_vis, vis1)
         return fused.unsqueeze(1).clamp(0.0, 1.0)
+
+    def fuse_and_label(self, ir: torch.Tensor, vis_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused N x 1 x H x W, class ids N x H x W): the inference path, labels by ``upsampled_argmax``."""
+        enc = self.encode(ir, vis_y)
+        return self.fuse_with(enc["feats"], ir, vis_y), upsampled_argmax(self.head_logits(enc), ir.shape[-2:])
 
     def segment_with(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Logits of a head that reads the shared features (``seg_width`` 0, the training teachers), at ``size``."""
