@@ -143,42 +143,41 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
                                                   "(training/fit_head.py)")}
     cfg["train"] = {**cfg["train"], "steps": epochs * per_epoch,
                     "head_fit": {**hf, "epochs": epochs, "batch": batch, "crop": crop}}
-    log = open(out / "log.jsonl", "w")
-    bar = tqdm(total=epochs * per_epoch, desc="head", disable=not progress, dynamic_ncols=True)
-    for epoch in range(1, epochs + 1):
-        model.train()
-        freeze(model, FUSION_MODULES)
-        order = rng.permutation(len(samples))
-        for k in range(per_epoch):
-            picks = [(int(i), bool(rng.random() < 0.5)) for i in order[k * batch:(k + 1) * batch]]
-            enc, soft, weight, hard = batch_of(samples, feats, picks, crop, rng)
-            small = model.head_logits(enc)
-            logits = F.interpolate(small, size=hard.shape[-2:], mode="bilinear", align_corners=False)
-            seg = segmentation_loss(logits, hard, class_weights)
-            soft_loss = soft_segmentation_loss(small, soft, weight)
-            loss = wl.get("segmentation", 1.0) * seg + wl.get("soft", 1.0) * soft_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, seg=f"{seg.item():.3f}", soft=f"{soft_loss.item():.3f}")
-            log.write(json.dumps({"epoch": epoch, "step": (epoch - 1) * per_epoch + k + 1, "segmentation": seg.item(),
-                                  "soft": soft_loss.item()}) + "\n")
-        if epoch % int(hf.get("val_every", 10)) == 0 or epoch == epochs:
-            metrics = {**fusion, **validate(model, val_samples, classes, progress=False, fusion=False)}
-            metrics["score"] = selection_score(metrics)
-            metrics["step"] = epoch * per_epoch
-            log.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
-            log.flush()
-            bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-            meta = checkpoint_metadata(cfg, model, metrics)
-            save_checkpoint(out / "last.safetensors", model, meta)
-            if metrics["score"] > best["score"]:
-                best = metrics
-                save_checkpoint(out / "best.safetensors", model, meta)
-    bar.close()
-    log.close()
+    with open(out / "log.jsonl", "w") as log, tqdm(total=epochs * per_epoch, desc="head", disable=not progress,
+                                                dynamic_ncols=True) as bar:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            freeze(model, FUSION_MODULES)
+            order = rng.permutation(len(samples))
+            for k in range(per_epoch):
+                picks = [(int(i), bool(rng.random() < 0.5)) for i in order[k * batch:(k + 1) * batch]]
+                enc, soft, weight, hard = batch_of(samples, feats, picks, crop, rng)
+                small = model.head_logits(enc)
+                logits = F.interpolate(small, size=hard.shape[-2:], mode="bilinear", align_corners=False)
+                seg = segmentation_loss(logits, hard, class_weights)
+                soft_loss = soft_segmentation_loss(small, soft, weight)
+                loss = wl.get("segmentation", 1.0) * seg + wl.get("soft", 1.0) * soft_loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, seg=f"{seg.item():.3f}", soft=f"{soft_loss.item():.3f}")
+                step = (epoch - 1) * per_epoch + k + 1
+                log.write(json.dumps({"epoch": epoch, "step": step, "segmentation": seg.item(),
+                                      "soft": soft_loss.item()}) + "\n")
+            if epoch % int(hf.get("val_every", 10)) == 0 or epoch == epochs:
+                metrics = {**fusion, **validate(model, val_samples, classes, progress=False, fusion=False)}
+                metrics["score"] = selection_score(metrics)
+                metrics["step"] = epoch * per_epoch
+                log.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
+                log.flush()
+                bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+                meta = checkpoint_metadata(cfg, model, metrics)
+                save_checkpoint(out / "last.safetensors", model, meta)
+                if metrics["score"] > best["score"]:
+                    best = metrics
+                    save_checkpoint(out / "best.safetensors", model, meta)
     return best
 
 
