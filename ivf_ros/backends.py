@@ -15,8 +15,8 @@ for networks without a segmentation head, such as the SAGE reference). Any netwo
 
 On a CPU shared with other processes, start the process with ``OMP_WAIT_POLICY=PASSIVE`` (it must be set before
 torch is imported): with the default spin-waiting, two OpenMP threads on two busy cores made a 32-channel convolution
-20x slower here. ONNX Runtime's pool is set not to spin for the same reason. CPU backends also make glibc's malloc
-keep freed memory for reuse (``keep_freed_memory``).
+20x slower here. ONNX Runtime's pool is set not to spin for the same reason. The ``ivf`` and ``fusion_node`` entry points make glibc's
+malloc keep freed memory for reuse (``keep_freed_memory``, process-wide, so a library user decides it).
 """
 from __future__ import annotations
 
@@ -320,8 +320,6 @@ def make_backend(name: str, model: nn.Module | None, device: str | torch.device 
     ``engine_cache`` is where the TensorRT backend keeps its engines.
     """
     device = torch.device(device)
-    if device.type == "cpu":
-        keep_freed_memory()
     if name in ("torch", "compile"):
         if model is None:
             raise ValueError(f"backend '{name}' needs a model")

@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from .backends import keep_freed_memory
+
 # Sub-command name -> module in ivf_ros.tools providing ``add_arguments(parser)`` and ``run(args) -> int``.
 TOOLS = {
     "fuse": ("fuse", "fuse (and segment) folders of IR/visible pairs"),
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
 from . import ros_image
-from .backends import ONNX_BACKENDS
+from .backends import ONNX_BACKENDS, keep_freed_memory
 from .dds import input_qos, latched_qos, output_qos, overridable, use_fastdds_profile
 from .errors import one_line
 from .node_params import FILE_ERRORS, PARAMETERS, Settings, build_settings, change, declare
@@ -300,6 +300,7 @@ class FusionNode(LifecycleNode):
 def main(args: list[str] | None = None) -> int:
     """``fusion_node [--ros-args ...]``: run until Ctrl-C; exit 1 when the node cannot start, 2 on bad parameters."""
     use_fastdds_profile()
+    keep_freed_memory()
     try:
         rclpy.init(args=args)
         node = FusionNode()
