@@ -34,13 +34,13 @@ def served(fused_y: np.ndarray, vis: np.ndarray) -> np.ndarray:
 
 
 class Evaluation:
-    """Metric sums per model (and trivial fusion, with ``trivial``) and a ``BoxScorer`` per model."""
+    """Per-pair metric values per model (and trivial fusion, with ``trivial``) and a ``BoxScorer`` per model."""
 
     def __init__(self, models: list[str], classes: list[str], metrics=FUSION_METRICS, trivial: bool = True):
         self.metrics = tuple(metrics)
         self.trivial = trivial
         names = (*models, *TRIVIAL_FUSIONS) if trivial else tuple(models)
-        self.sums = {name: dict.fromkeys(self.metrics, 0.0) for name in names}
+        self.values = {name: {k: [] for k in self.metrics} for name in names}  # in the order of the pairs
         self.scorers = {name: BoxScorer(classes) for name in models}
         self.pairs = self.boxed = 0  # pairs added; of those, pairs with boxes
 
@@ -53,7 +53,7 @@ class Evaluation:
                 fused.update({name: f(ir, vis) for name, f in TRIVIAL_FUSIONS.items()})
             for name, img in fused.items():
                 for k, v in fusion_metrics(ir, vis, img, self.metrics).items():
-                    self.sums[name][k] += v
+                    self.values[name][k].append(v)
         if pair.boxes is not None:
             self.boxed += 1
             for name, scorer in self.scorers.items():
@@ -61,7 +61,7 @@ class Evaluation:
 
     def fusion(self) -> dict[str, dict[str, float]]:
         """Mean metrics per model, then per trivial fusion."""
-        return {name: {k: v / max(1, self.pairs) for k, v in s.items()} for name, s in self.sums.items()}
+        return {name: {k: float(np.mean(v)) if v else 0.0 for k, v in per.items()} for name, per in self.values.items()}
 
     def segmentation(self, model: str) -> dict | None:
         """The judge's report of ``model`` (``BoxScorer.report``); None when no pair had boxes."""

@@ -355,7 +355,8 @@ class BoxScorer:
         self.grow, self.hit_share = grow, hit_share
         self._coverage = [[] for _ in self.classes]
         self.per_image: list[np.ndarray] = []  # per added image: classes x (tp, fp, fn)
-        self.judge_counts = np.zeros((len(self.classes), 5), np.int64)  # labelled, inside, hit, boxes, outside
+        self.judge_per_image: list[np.ndarray] = []  # per added image: classes x (labelled, inside, hit, boxes, outside)
+        self.judge_counts = np.zeros((len(self.classes), 5), np.int64)  # their sum
 
     def add(self, labels: np.ndarray, boxes) -> None:
         """One image: ``labels`` (H x W class ids) and its boxes [(yolo_class, x0, y0, x1, y1)] in pixels."""
@@ -369,6 +370,7 @@ class BoxScorer:
                 raise ValueError(f"box class {yolo_class} has no label id among {len(self.classes) - 1} classes")
             truth[class_id].append(tuple(float(v) for v in box))
         counts = np.zeros((len(self.classes), 3), np.int64)
+        judge = np.zeros((len(self.classes), 5), np.int64)
         for class_id in range(1, len(self.classes)):
             predicted = regions_to_boxes(labels, class_id, self.min_area)
             tp = match_boxes(predicted, truth[class_id], self.iou_threshold)
@@ -377,10 +379,11 @@ class BoxScorer:
             self._coverage[class_id] += coverage
             mine = labels == class_id
             inside = _box_union(labels.shape, truth[class_id], self.grow)
-            self.judge_counts[class_id] += (int(mine.sum()), int((mine & inside).sum()),
-                                            sum(c >= self.hit_share for c in coverage), len(coverage),
-                                            int(inside.size - inside.sum()))
+            judge[class_id] = (int(mine.sum()), int((mine & inside).sum()), sum(c >= self.hit_share for c in coverage),
+                               len(coverage), int(inside.size - inside.sum()))
         self.per_image.append(counts)
+        self.judge_per_image.append(judge)
+        self.judge_counts += judge
 
     def summary(self) -> dict[str, dict]:
         """Per class (background left out): tp, fp, fn, precision, recall, f1, coverage."""
@@ -417,25 +420,65 @@ class BoxScorer:
         return {"classes": self.summary(), "mean_f": self.mean_f()}
 
 
+def _bootstrap(n: int, resamples: int, seed: int) -> np.ndarray:
+    """resamples x n image indices drawn with replacement."""
+    return np.random.default_rng(seed).integers(0, n, (resamples, n))
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def _same_images(scorer: BoxScorer, reference: BoxScorer | None) -> None:
+    if reference is not None and len(reference.per_image) != len(scorer.per_image):
+        raise ValueError("the reference scorer must have scored the same images")
+
+
 def f1_interval(scorer: BoxScorer, name: str, reference: BoxScorer | None = None, resamples: int = 2000,
                 level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval (over images) of the F1 of class ``name``; with ``reference`` (scored on the same images),
     of the paired difference F1(scorer) - F1(reference)."""
+    _same_images(scorer, reference)
     class_id = scorer.classes.index(name)
-    counts = np.stack([c[class_id] for c in scorer.per_image]).astype(np.float64)
-    if reference is not None:
-        if len(reference.per_image) != len(counts):
-            raise ValueError("the reference scorer must have scored the same images")
-        ref = np.stack([c[class_id] for c in reference.per_image]).astype(np.float64)
-    picks = np.random.default_rng(seed).integers(0, len(counts), (resamples, len(counts)))
+    picks = _bootstrap(len(scorer.per_image), resamples, seed)
 
-    def f1(c: np.ndarray) -> np.ndarray:  # resamples x images x (tp, fp, fn) -> F1 per resample
-        tp, fp, fn = c.sum(1).T
+    def f1(s: BoxScorer) -> np.ndarray:  # resamples x images x (tp, fp, fn) -> F1 per resample
+        tp, fp, fn = np.stack([c[class_id] for c in s.per_image]).astype(np.float64)[picks].sum(1).T
         return np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=2 * tp + fp + fn > 0)
 
-    values = f1(counts[picks]) - (f1(ref[picks]) if reference is not None else 0.0)
-    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)
+    return _interval(f1(scorer) - (f1(reference) if reference is not None else 0.0), level)
+
+
+def mean_f_interval(scorer: BoxScorer, reference: BoxScorer | None = None, resamples: int = 2000,
+                    level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval (over images) of the judge's mean F; with ``reference`` (scored on the same images), of
+    the paired difference mean F(scorer) - mean F(reference)."""
+    _same_images(scorer, reference)
+    picks = _bootstrap(len(scorer.per_image), resamples, seed)
+
+    def mean_f(s: BoxScorer) -> np.ndarray:  # resamples: the judge's counts summed over the drawn images
+        labelled, inside, hit, boxes, _ = np.moveaxis(np.stack(s.judge_per_image)[:, 1:][picks].sum(1), -1, 0)
+        precision = np.divide(inside, labelled, out=np.zeros(inside.shape), where=labelled > 0)
+        recall = np.divide(hit, boxes, out=np.zeros(hit.shape), where=boxes > 0)
+        f = np.divide(2 * precision * recall, precision + recall, out=np.zeros(hit.shape),
+                      where=precision + recall > 0)
+        return f.mean(1)
+
+    return _interval(mean_f(scorer) - (mean_f(reference) if reference is not None else 0.0), level)
+
+
+def mean_interval(values, reference=None, resamples: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of the mean of per-image ``values``; with ``reference`` (the same images' values of
+    another model), of the mean paired difference."""
+    values = np.asarray(values, np.float64)
+    if reference is not None:
+        reference = np.asarray(reference, np.float64)
+        if reference.shape != values.shape:
+            raise ValueError("the reference values must be of the same images")
+        values = values - reference
+    return _interval(values[_bootstrap(len(values), resamples, seed)].mean(1), level)
 
 
 def _box_slices(shape: tuple[int, int], box: Box, grow: int = 0) -> tuple[slice, slice]:

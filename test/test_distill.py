@@ -186,7 +186,8 @@ def test_ablation_table_on_one_pair(sage_run, text_run, fusionsam_run, tiny_msrs
     assert ablation.main(sum((["--model", m] for m in models), []) + args) == 0
     text = md.read_text()
     assert "### msrs (1 pairs)" in text
-    assert "Person F1 minus sage_distilled" in text and "[95% interval]" in text
+    assert "Minus sage_distilled, 95% paired bootstrap interval" in text and "[95% interval]" in text
+    assert "| sage_teacher | [" in text  # its paired differences from the first model, with its wins
     for row in ("| max | trivial fusion", "| sage_distilled | student distilled from sage teacher",
                 "| sage_teacher | sage teacher", "| text_teacher | text teacher",
                 "| fusionsam_teacher | fusionsam teacher"):
@@ -194,6 +195,8 @@ def test_ablation_table_on_one_pair(sage_run, text_run, fusionsam_run, tiny_msrs
     numbers = json.loads(md.with_suffix(".json").read_text())
     rows = numbers["results"]["msrs"]["rows"]
     assert "person_f1" in rows["sage_distilled"] and len(rows["sage_teacher"]["person_f1_minus_first"]) == 2
+    assert set(rows["sage_teacher"]["minus_first"]) == {"VIF", "Qabf", "SSIM", "SCD", "mean_f"}
+    assert "minus_first" not in rows["sage_distilled"]
 
 
 def test_semantic_contrast_prefers_matching_features():

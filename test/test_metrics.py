@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ivf_ros.data import data_root
-from ivf_ros.metrics import (FUSION_METRICS, BoxScorer, box_iou, f1_interval, fusion_metrics, regions_to_boxes,
-                             to_gray)
+from ivf_ros.metrics import (FUSION_METRICS, BoxScorer, box_iou, f1_interval, fusion_metrics, mean_f_interval,
+                             mean_interval, regions_to_boxes, to_gray)
 
 REFERENCE = data_root().parent / "reference" / "fusion_metrics.json"
 
@@ -260,3 +260,33 @@ def test_f1_interval_brackets_the_f1_and_pairs_images():
     assert f1_interval(a, "person", reference=a) == (0.0, 0.0)
     with pytest.raises(ValueError, match="same images"):
         f1_interval(a, "person", reference=BoxScorer(CLASSES))
+
+
+def test_mean_f_interval_brackets_the_mean_f_and_pairs_images():
+    good = np.zeros((40, 40), np.uint8)
+    good[10:30, 10:30] = 1  # the person box, exactly
+    box = [(0, 10, 10, 30, 30)]
+    a, b = BoxScorer(CLASSES), BoxScorer(CLASSES)
+    for i in range(20):
+        a.add(good if i % 2 else np.zeros_like(good), box)  # finds half of the persons, precision 1
+        b.add(good if i % 4 == 1 else np.zeros_like(good), box)  # a quarter, a subset of a's
+    assert a.mean_f() == pytest.approx((2 * 0.5 / 1.5) / 3)  # person F 2/3; bicycle and car 0 (no boxes)
+    lo, hi = mean_f_interval(a)
+    assert lo < a.mean_f() < hi and 0.0 <= lo and hi <= 1.0
+    d_lo, d_hi = mean_f_interval(a, reference=b)
+    assert 0.0 < d_lo <= d_hi  # never worse on any image
+    assert mean_f_interval(a, reference=a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same images"):
+        mean_f_interval(a, reference=BoxScorer(CLASSES))
+
+
+def test_mean_interval_of_paired_differences():
+    rng = np.random.default_rng(0)
+    base = rng.normal(1.0, 0.3, 50)  # large spread between images ...
+    better = base + 0.01 + rng.normal(0.0, 0.002, 50)  # ... a small, consistent gain on every one
+    lo, hi = mean_interval(better)
+    assert lo < better.mean() < hi and hi - lo > 0.1  # the mean's interval: as wide as the spread says
+    d_lo, d_hi = mean_interval(better, reference=base)
+    assert 0 < d_lo < (better - base).mean() < d_hi < d_lo + 0.002  # paired: the small gain is resolved
+    with pytest.raises(ValueError, match="same images"):
+        mean_interval(better, reference=base[:10])

@@ -9,7 +9,9 @@
 
 Evaluates on the MSRS validation part (``msrs_split``: 71 pairs, with person F1 from the boxes) and on TNO
 (25 pairs) at full resolution, scored as ``ivf eval`` scores (``ivf_ros.evaluation``: the fused image as served):
-fusion metrics, the judge, parameters and the median CPU time of one 640x480 forward pass.
+fusion metrics, the judge, parameters and the median CPU time of one 640x480 forward pass; for every model after
+the first, 95% paired bootstrap intervals over the images of its difference from the first in VIF, Qabf, SSIM,
+SCD, mean F and person F1, and its wins (metrics whose whole interval lies above 0). Put the baseline first.
 Teacher files are recognised by their metadata; their conditioning (prior cache or descriptions) is the one
 recorded at training time unless ``--priors`` / ``--descriptions`` say otherwise. Teacher times leave out the
 prior extraction (SAM or classic) and the text encoder. Writes the markdown table and ``<out>.json``.
@@ -28,7 +30,7 @@ from ivf_ros.bench import time_interleaved
 from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.evaluation import Scored, served
 from ivf_ros.evaluation import evaluate as evaluate_pairs
-from ivf_ros.metrics import TRIVIAL_FUSIONS, f1_interval
+from ivf_ros.metrics import TRIVIAL_FUSIONS, f1_interval, mean_f_interval, mean_interval
 from ivf_ros.model import count_parameters
 
 from .datasets import CLASSES, Sample, to_tensors
@@ -38,6 +40,7 @@ from .text_priors import description_key
 from .train import load_split, resolve_root
 
 METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
+COMPARED = ("VIF", "Qabf", "SSIM", "SCD")  # the fusion metrics a distilled student must win on
 
 
 def load_datasets(names: list[str], limit: int | None) -> dict[str, list[Sample]]:
@@ -89,8 +92,9 @@ class Entry:
 
 
 def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: bool = True) -> dict:
-    """Mean metrics per dataset and row; where boxes exist, person F1 with its bootstrap interval and, for every
-    model after the first, the interval of its paired difference from the first."""
+    """Mean metrics per dataset and row; for every model after the first, 95% paired bootstrap intervals (over the
+    images) of its difference from the first in ``COMPARED``; where boxes exist, the judge, person F1 and mean F
+    with their bootstrap intervals and, after the first model, the intervals of their paired differences."""
     results = {}
     for dataset, samples in datasets.items():
         def score(s: Sample) -> Scored:  # called within this iteration: ``dataset`` is this one
@@ -107,14 +111,20 @@ def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: 
                                     desc=dataset)
         means = evaluation.fusion()
         rows = {name: means[name] for name in [*TRIVIAL_FUSIONS, *(e.name for e in entries)]}
+        values, first_name = evaluation.values, entries[0].name
+        for e in entries[1:]:
+            rows[e.name]["minus_first"] = {k: mean_interval(values[e.name][k], values[first_name][k])
+                                           for k in COMPARED}
         if evaluation.boxed:
             first = evaluation.scorers[entries[0].name]
             for name, scorer in evaluation.scorers.items():
                 segmentation = scorer.report()
                 rows[name].update(person_f1=segmentation["classes"]["person"]["f1"],
-                                  person_f1_interval=f1_interval(scorer, "person"), segmentation=segmentation)
+                                  person_f1_interval=f1_interval(scorer, "person"), segmentation=segmentation,
+                                  mean_f_interval=mean_f_interval(scorer))
                 if scorer is not first:
                     rows[name]["person_f1_minus_first"] = f1_interval(scorer, "person", reference=first)
+                    rows[name]["minus_first"]["mean_f"] = mean_f_interval(scorer, reference=first)
         results[dataset] = {"pairs": len(samples), "rows": rows}
     return results
 
@@ -143,11 +153,7 @@ def markdown(results: dict, entries: list[Entry], timings: dict[str, float], thr
                 lines.append(f"| {name} | " + " | ".join(
                     "{px_precision:.3f} / {box_recall:.3f} / {f:.3f}".format(**seg["classes"][c]) for c in CLASSES[1:])
                     + f" | {seg['mean_f']:.3f} |")
-        paired = [f"{name} [{row['person_f1_minus_first'][0]:+.3f}, {row['person_f1_minus_first'][1]:+.3f}]"
-                  for name, row in res["rows"].items() if "person_f1_minus_first" in row]
-        if paired:
-            lines += ["", f"Person F1 minus {entries[0].name}'s, 95% paired bootstrap interval over the images: "
-                      + "; ".join(paired) + "."]
+        lines += paired_table(res["rows"], entries[0].name)
         lines.append("")
     lines += ["Prior sources:", ""] + [f"- {e.name}: {e.source}" for e in entries] + [""]
     lines.append("Person F1 intervals: 95% bootstrap over the images (2,000 resamples). "
@@ -155,6 +161,27 @@ def markdown(results: dict, entries: list[Entry], timings: dict[str, float], thr
                  "prior caches come from the annotated boxes (box prompts), so the person F1 of teachers fed them "
                  "(sage, fusionsam) is not comparable with the students'; mfnet priors never read the boxes.")
     return "\n".join(lines) + "\n"
+
+
+def paired_table(rows: dict, first: str) -> list[str]:
+    """Markdown lines: each later model minus ``first``, 95% paired bootstrap intervals, and its wins (metrics of
+    ``COMPARED`` whose whole interval lies above 0)."""
+    paired = {name: row for name, row in rows.items() if "minus_first" in row}
+    if not paired:
+        return []
+    keys = [*COMPARED, *(["mean_f"] if any("mean_f" in r["minus_first"] for r in paired.values()) else []),
+            *(["person_f1"] if any("person_f1_minus_first" in r for r in paired.values()) else [])]
+    lines = ["", f"Minus {first}, 95% paired bootstrap interval over the images (2,000 resamples); wins: intervals "
+                 f"of {', '.join(COMPARED)} wholly above 0:", "",
+             "| model | " + " | ".join(k.replace("_", " ") for k in keys) + " | wins |",
+             "| --- |" + " ---: |" * (len(keys) + 1)]
+    for name, row in paired.items():
+        diffs = {**row["minus_first"], **({"person_f1": row["person_f1_minus_first"]}
+                                          if "person_f1_minus_first" in row else {})}
+        cells = [f"[{diffs[k][0]:+.4f}, {diffs[k][1]:+.4f}]" if k in diffs else "-" for k in keys]
+        wins = sum(diffs[k][0] > 0 for k in COMPARED)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {wins} |")
+    return lines
 
 
 def main(argv=None) -> int:
