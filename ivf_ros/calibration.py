@@ -533,21 +533,19 @@ def ambiguity(frames: _Frames, H: np.ndarray, side: int = 256) -> float:
     """How well the registered IR matches the visible frame when shifted away from the mapping: the best NCC of their
     structure channels over all translations farther than 4% of the frame, relative to the NCC at the mapping
     (both above the median over translations); pairs pooled. Repeated structure (a facade of identical windows, a
-    fence) scores near 1 (one period off matches as well), a unique match near 0."""
+    fence) scores near 1 (one period off matches as well), a unique match near 0. Uses the structure channels
+    cached in ``frames`` (the IR's warped by ``H``, as the dense refinement does)."""
     total = None
-    for gi, mi, gv, mv in frames.data:
-        a = min(1.0, side / max(gv.shape))
-        gv_w = _resize(gv, a)
-        hw, ww = gv_w.shape
-        Hw = _resize_matrix(gv.shape, gv_w.shape) @ H
-        wi = _warp(gi, Hw, (ww, hw))
-        valid = _warp(mi.astype(np.uint8), Hw, (ww, hw), cv2.INTER_NEAREST).astype(bool)
-        valid &= _resize(mv.astype(np.float32), a) > 0.5
-        sv, si = structure_channels(gv_w), structure_channels(wi)
+    levels = frames.level(side, math.sqrt(abs(np.linalg.det(H[:2, :2]))), 1.0)
+    for fv, vm, fi, im, Sv, Si in levels:
+        hw, ww = fv.shape[:2]
+        Hp = Sv @ H @ np.linalg.inv(Si)
+        si = cv2.warpPerspective(fi, Hp, (ww, hw), flags=cv2.INTER_LINEAR)
+        valid = cv2.warpPerspective(im, Hp, (ww, hw), flags=cv2.INTER_NEAREST).astype(bool) & vm
         si[~valid] = 0
-        ncc, _ = masked_ncc(sv, si, valid, weighted=True)
+        ncc, _ = masked_ncc(fv, si, valid, weighted=True)
         total = ncc if total is None else total + ncc
-    ncc = total / len(frames.data)
+    ncc = total / len(levels)
     oy, ox = hw - 1, ww - 1  # zero shift
     valid = ncc[ncc > -1]
     if valid.size == 0:

@@ -316,6 +316,22 @@ def test_ambiguity_sees_repeated_structure():
         assert lo < C.ambiguity(C._Frames([(ir, vis)]), np.linalg.inv(G)) < hi
 
 
+def test_ambiguity_reads_the_frames_cache(monkeypatch):
+    # the dense refinement's cached structure channels serve the uniqueness check: nothing is resized again, and
+    # the result does not depend on what else the cache holds
+    ir, vis = scene(seed=3)
+    G = np.array([[1.0, 0, 43.0], [0, 1.0, 21.0], [0, 0, 1.0]])
+    ir = cv2.warpPerspective(ir, G, (480, 360))
+    fresh = C.ambiguity(C._Frames([(ir, vis)]), np.linalg.inv(G))
+    frames = C._Frames([(ir, vis)])
+    C.dense_refine(frames, np.linalg.inv(G), sides=(200, 256))
+    def no_resize(*_):
+        raise AssertionError("ambiguity recomputed structure channels the cache holds")
+    monkeypatch.setattr(C, "_level_features", no_resize)
+    monkeypatch.setattr(C, "_resize", no_resize)
+    assert C.ambiguity(frames, np.linalg.inv(G)) == pytest.approx(fresh, abs=1e-9)
+
+
 def test_mutual_information_prefers_the_aligned_image():
     from ivf_ros.tools.registration_eval import mutual_information
     ir, vis = scene(seed=9)
@@ -344,6 +360,21 @@ def test_random_homography_and_grid_error():
     T = np.array([[1.0, 0, 2.0], [0, 1.0, 0], [0, 0, 1.0]])
     mean, mx = grid_error(T @ H, H, (640, 480))
     assert mean == pytest.approx(2.0) and mx == pytest.approx(2.0)
+
+
+def test_synthetic_warps_depend_only_on_seed_and_pair(tmp_path):
+    from ivf_ros.tools.registration_eval import synthetic_tasks
+    for folder, stems in (("a", ["p1", "p2", "p3"]), ("b", ["p1"])):
+        for sub in ("ir", "vi"):
+            (tmp_path / folder / sub).mkdir(parents=True)
+            for stem in stems:
+                cv2.imwrite(str(tmp_path / folder / sub / f"{stem}.png"), np.zeros((24, 32), np.uint8))
+    warps = lambda tasks: {(t["dataset"], t["pair"]): t["warps"] for t in tasks}
+    full = warps(synthetic_tasks([tmp_path / "a", tmp_path / "b"], 2, 7, None, "homography"))
+    assert len(full) == 4 and full[("a", "p1")] != full[("b", "p1")] != full[("a", "p2")]
+    alone = warps(synthetic_tasks([tmp_path / "a"], 2, 7, None, "homography", only=["p2"]))
+    assert alone == {("a", "p2"): full[("a", "p2")]}
+    assert warps(synthetic_tasks([tmp_path / "b"], 2, 8, None, "homography"))[("b", "p1")] != full[("b", "p1")]
 
 
 @needs_data

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import zlib
 from pathlib import Path
 
 import cv2
@@ -59,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--self-reference", action="store_true",
                    help="synthetic: also register each unwarped pair and score the answers against that (the "
                         "method's consistency, free of the data set's own misalignment)")
+    p.add_argument("--pairs", nargs="+", metavar="PAIR",
+                   help="synthetic: only these pairs (file stems, or FOLDER:STEM); they get the same warps as in a "
+                        "full run")
     p.add_argument("--jobs", type=int, default=1, help="synthetic: worker processes (default 1)")
     p.add_argument("--rescore", metavar="JSONL",
                    help="synthetic: recompute confidence and refusals of a logged run (synthetic.jsonl) with the "
@@ -345,10 +349,11 @@ SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "ambiguity", "de
 
 
 def synthetic_tasks(folders, per_pair: int, seed: int, references, model: str, limit: int = 0,
-                    overlays: int = 0, out: Path | None = None, self_reference: bool = False) -> list[dict]:
-    """The cases of the known-answer evaluation: one random homography stream per run (``seed``), in folder and
-    sorted pair order, so the same arguments give the same cases."""
-    rng = np.random.default_rng(seed)
+                    overlays: int = 0, out: Path | None = None, self_reference: bool = False,
+                    only: list[str] | None = None) -> list[dict]:
+    """The cases of the known-answer evaluation. The warps of a pair depend only on ``seed``, the folder's name and
+    the pair's name, so a pair gets the same cases in a full run, a ``limit``-ed one, or alone (``only``: pair
+    names, or ``folder:pair``)."""
     per_folder = []
     for fi, folder in enumerate(folders):
         tasks = []
@@ -358,11 +363,14 @@ def synthetic_tasks(folders, per_pair: int, seed: int, references, model: str, l
         pairs = find_pairs(folder / "ir", vis_dir)
         if limit:
             pairs = pairs[:: max(1, len(pairs) // limit)][:limit]
+        name = folder.name
+        if only:
+            pairs = [p for p in pairs if p.stem in only or f"{name}:{p.stem}" in only]
         ref_spec = references[fi] if references else "-"
         ref = np.eye(3) if ref_spec == "-" else Registration.load(ref_spec).matrix
-        name = folder.name
         for k, p in enumerate(pairs):
             h, w = cv2.imread(str(p.ir), cv2.IMREAD_UNCHANGED).shape[:2]
+            rng = np.random.default_rng([seed, zlib.crc32(f"{name}/{p.stem}".encode())])
             warps = [random_homography(rng, w, h).ravel().tolist() for _ in range(per_pair)]
             shots = [str(out / "overlays" / f"synthetic_{name}_{p.stem}_{j}.png")
                      if out is not None and (overlays < 0 or k * per_pair + j < overlays) else None
@@ -471,7 +479,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
         raise ValueError(f"--reference needs one entry per --synthetic folder ({len(args.synthetic)}), "
                          f"got {len(args.reference)}")
     tasks = synthetic_tasks(args.synthetic, args.per_pair, args.seed, args.reference, args.model, args.limit,
-                            args.overlays, out, args.self_reference)
+                            args.overlays, out, args.self_reference, args.pairs)
     rows: list[dict] = []
     with (out / "synthetic.jsonl").open("w") as log, tqdm(total=len(tasks), desc="registering", unit="pair") as bar:
         def done(pair_rows):  # cases are logged as they come, so a long run can be followed (and read if cut)
