@@ -398,7 +398,7 @@ def _synthetic_pair(task: dict) -> list[dict]:
 
 
 SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "ambiguity", "dense_correlation",
-                  "dense_uncertainty_px", "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
+                  "jackknife_px", "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
                   "verify_matches")
 
 
