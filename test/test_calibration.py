@@ -347,8 +347,9 @@ def test_mi_registration_finds_a_small_misalignment():
     A = np.array([[1.01, 0.0, 3.0], [0.0, 1.01, -2.0], [0, 0, 1.0]])  # aligned IR px -> recorded IR px
     ir = cv2.warpPerspective(ir, A, (480, 360))
     assert C.grid_error(np.eye(3), np.linalg.inv(A), (480, 360))[0] > 3.0
-    H, mi = mi_registration(ir, vis, np.eye(3))
-    assert C.grid_error(H, np.linalg.inv(A), (480, 360))[0] < 0.7 and mi > 0.3
+    H, nmi = mi_registration(ir, vis, np.eye(3))
+    assert C.grid_error(H, np.linalg.inv(A), (480, 360))[0] < 0.7 and nmi > 0.05
+    assert mi_registration(ir, vis, np.eye(3), reach=0.002) is None  # the optimum lies beyond the reach
 
 
 def test_random_homography_and_grid_error():

@@ -292,11 +292,13 @@ def mutual_information(a: np.ndarray, b: np.ndarray, valid: np.ndarray, bins: in
 
 
 def mi_registration(ir: np.ndarray, vis: np.ndarray, H0: np.ndarray, side: int = 320, bins: int = 32,
-                    steps=(4.0, 2.0, 1.0, 0.5)) -> tuple[np.ndarray, float]:
+                    steps=(4.0, 2.0, 1.0, 0.5), reach: float = 0.04) -> tuple[np.ndarray, float] | None:
     """A reference for an aligned pair found independently of :func:`calibrate_auto`: the homography (IR px ->
-    visible px) maximising the mutual information of the raw intensities (not the structure maps the registration
+    visible px) maximising the normalised mutual information of the raw intensities (not the structure maps the registration
     uses) over the overlap at ``side`` px, by a pattern search over the visible positions of the frame's four
-    corners (``steps`` in full visible px) from ``H0``. Returns (matrix, mutual information)."""
+    corners (``steps`` in full visible px) from ``H0``. Returns (matrix, normalised mutual information), or None
+    when the search runs into ``reach`` x the frame's long side from the start (no local optimum near it: dark night
+    frames, where the score favours degenerate overlaps)."""
     gi, gv = to_gray(ir), to_gray(vis)
     hv, wv = gv.shape
     a = min(1.0, side / max(hv, wv))
@@ -319,11 +321,12 @@ def mi_registration(ir: np.ndarray, vis: np.ndarray, H0: np.ndarray, side: int =
         qi = np.minimum((m.ravel()[ok] * bins).astype(np.int64), bins - 1)
         p = np.bincount(qi * bins + qv[ok], minlength=bins * bins).reshape(bins, bins).astype(np.float64)
         p = cv2.GaussianBlur(p, (3, 3), 0.5) / p.sum()  # a little Parzen smoothing of the joint histogram
-        outer = p.sum(axis=1, keepdims=True) @ p.sum(axis=0, keepdims=True)
-        nz = p > 0
-        return float((p[nz] * np.log(p[nz] / outer[nz])).sum())
+        ent = lambda q: -float((q[q > 0] * np.log(q[q > 0])).sum())
+        # normalised (entropies over joint entropy - 1): unlike plain MI it does not favour shrinking the overlap
+        return (ent(p.sum(axis=0)) + ent(p.sum(axis=1))) / max(ent(p), 1e-9) - 1.0
 
     d, best = np.zeros(8), score(np.zeros(8))
+    limit = reach * max(hv, wv)
     for step in steps:
         improved = True
         while improved:
@@ -332,6 +335,8 @@ def mi_registration(ir: np.ndarray, vis: np.ndarray, H0: np.ndarray, side: int =
                 for sign in (1.0, -1.0):
                     t = d.copy()
                     t[i] += sign * step
+                    if abs(t[i]) > limit:
+                        return None
                     v = score(t)
                     if v > best:
                         d, best, improved = t, v, True
@@ -356,7 +361,8 @@ def _synthetic_pair(task: dict) -> list[dict]:
         except CalibrationError:
             pass
         # and a reference found independently of the method: mutual information, from the data set's alignment
-        mi_ref = mi_registration(ir, vis, ref)[0]
+        found = mi_registration(ir, vis, ref)
+        mi_ref = None if found is None else found[0]
     # which fits the unwarped pair better, the data set's alignment or the pair's own registration (edge score and
     # mutual information of the raw intensities, a similarity the registration does not use)
     fit = {}
