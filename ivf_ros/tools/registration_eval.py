@@ -34,7 +34,7 @@ from ..registration import Registration
 
 DATASETS = ("msrs", "roadscene", "unregistered")
 DOCS_PAIRS = ("unregistered:FLIR_00122", "unregistered:FLIR_03909", "msrs:00055D", "roadscene:19",
-              "aligned-msrs:00186D", "aligned-roadscene:FLIR_04412", "aligned-roadscene:FLIR_07620")
+              "aligned-msrs:00186D", "aligned-roadscene:FLIR_04412")
 DOCS_WIDTH = 760
 
 
