@@ -399,6 +399,12 @@ def test_synthetic_warps_depend_only_on_seed_and_pair(tmp_path):
     alone = warps(synthetic_tasks([tmp_path / "a"], 2, 7, None, "homography", only=["p2"]))
     assert alone == {("a", "p2"): full[("a", "p2")]}
     assert warps(synthetic_tasks([tmp_path / "b"], 2, 8, None, "homography"))[("b", "p1")] != full[("b", "p1")]
+    from ivf_ros.tools import registration_eval
+    p = argparse.ArgumentParser()
+    registration_eval.add_arguments(p)
+    with pytest.raises(ValueError, match="no such pair.*b:p2"):
+        registration_eval.run(p.parse_args(["--synthetic", str(tmp_path / "b"), "--pairs", "p1", "b:p2",
+                                            "--out", str(tmp_path / "out")]))
 
 
 @needs_data

@@ -541,6 +541,9 @@ def run_synthetic(args: argparse.Namespace) -> int:
                          f"got {len(args.reference)}")
     tasks = synthetic_tasks(args.synthetic, args.per_pair, args.seed, args.reference, args.model, args.limit,
                             args.overlays, out, args.self_reference, args.pairs)
+    missing = set(args.pairs or ()) - {t["pair"] for t in tasks} - {f"{t['dataset']}:{t['pair']}" for t in tasks}
+    if missing:
+        raise ValueError(f"--pairs: no such pair in {', '.join(args.synthetic)}: {', '.join(sorted(missing))}")
     rows: list[dict] = []
     with (out / "synthetic.jsonl").open("w") as log, tqdm(total=len(tasks), desc="registering", unit="pair") as bar:
         def done(pair_rows):  # cases are logged as they come, so a long run can be followed (and read if cut)
