@@ -573,7 +573,7 @@ def _delta_matrix(d: np.ndarray) -> np.ndarray:
 class DenseResult:
     matrix: np.ndarray
     correlation: float  # mean over pairs of the structure-map NCC over the overlap at the finest level
-    uncertainty_px: float  # jackknife std of the mapping over the visible frame, worst grid point (full px)
+    uncertainty_px: float  # jackknife std of the mapping over the visible frame, worst grid point (full px; NaN: skipped)
     overlap: float  # share of the visible frame covered by valid IR content (mean over pairs)
     iterations: int
 
@@ -586,7 +586,7 @@ def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 4
     pairs. ``model`` affine keeps the last row fixed. Levels larger than ``max_pixels`` use every second pixel in
     each direction. The uncertainty is a jackknife over ``cells`` x ``cells`` regions of the visible frame at the
     finest level: how far the mapping moves, anywhere over the frame, when one region's evidence is left out (a
-    mapping that only one textured region pins down extrapolates unreliably elsewhere)."""
+    mapping that only one textured region pins down extrapolates unreliably elsewhere); ``cells`` 0 skips it (NaN)."""
     frames = frames if isinstance(frames, _Frames) else _Frames(frames)
     npar = 8 if model == "homography" else 6
     H = np.asarray(H, np.float64) / H[2, 2]
@@ -604,6 +604,7 @@ def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 4
         yn_all = ((ys - (hw - 1) / 2) / half).astype(np.float32)
         Hw = [Sv @ H @ np.linalg.inv(Si) for *_, Si in levels]  # per pair: IR level px -> vis level px
         last = li == len(sides) - 1
+        jackknife = last and cells > 0
         cell = ((ys * cells // hw) * cells + xs * cells // ww).astype(np.int64)  # region of each sampled pixel
         for _ in range(iters):
             A = np.zeros((npar, npar))
@@ -638,7 +639,7 @@ def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 4
                     A += (J.T @ J).astype(np.float64)
                     b += (J.T @ e).astype(np.float64)
                     cnt += e.size
-                    if last:
+                    if jackknife:
                         for r_ in np.unique(region):
                             sel = region == r_
                             Ak[r_] += J[sel].T @ J[sel]
@@ -684,13 +685,15 @@ def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 4
                 except np.linalg.LinAlgError:
                     dk = np.full(npar, np.inf)
                 moves.append(np.stack([px @ dk, py @ dk], axis=1) * half)
-            if len(moves) > 1:
+            if not jackknife:
+                jack = float("nan")
+            elif len(moves) > 1:
                 moves = np.array(moves)
                 dev = np.sum((moves - moves.mean(axis=0)) ** 2, axis=(0, 2)) * (len(moves) - 1) / len(moves)
                 jack = float(np.sqrt(dev.max()) / Sv[0, 0])
             else:
                 jack = float("inf")
-            stats = DenseResult(H, float(np.mean(corrs)) if corrs else 0.0, jack if np.isfinite(jack) else 1e6,
+            stats = DenseResult(H, float(np.mean(corrs)) if corrs else 0.0, 1e6 if jack == float("inf") else jack,
                                 float(np.mean(cover)), total)
     return stats
 
@@ -842,7 +845,7 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
     # must land on the same mapping; where the evidence is weak or ambiguous it does not
     c = np.array([[1.0, 0, wv / 2], [0, 1.0, hv / 2], [0, 0, 1.0]])
     nudge = c @ np.array([[1.01, 0, 3.0], [0, 1.01, -3.0], [0, 0, 1.0]]) @ np.linalg.inv(c)
-    other = dense_refine(frames, nudge @ H0, cfg.model, sides=sides[1:])
+    other = dense_refine(frames, nudge @ H0, cfg.model, sides=sides[1:], cells=0)
     check = verify_mapping(pairs, H, cfg.fine_side)
     info.update(model=cfg.model, ambiguity=ambiguity(frames, H), dense_correlation=dense.correlation,
                 jackknife_px=dense.uncertainty_px,
