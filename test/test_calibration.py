@@ -316,12 +316,52 @@ def test_ambiguity_sees_repeated_structure():
         assert lo < C.ambiguity(C._Frames([(ir, vis)]), np.linalg.inv(G)) < hi
 
 
+def test_ambiguity_reads_the_frames_cache(monkeypatch):
+    # the dense refinement's cached structure channels serve the uniqueness check: nothing is resized again, and
+    # the result does not depend on what else the cache holds
+    ir, vis = scene(seed=3)
+    G = np.array([[1.0, 0, 43.0], [0, 1.0, 21.0], [0, 0, 1.0]])
+    ir = cv2.warpPerspective(ir, G, (480, 360))
+    fresh = C.ambiguity(C._Frames([(ir, vis)]), np.linalg.inv(G))
+    frames = C._Frames([(ir, vis)])
+    C.dense_refine(frames, np.linalg.inv(G), sides=(200, 256))
+    def no_resize(*_):
+        raise AssertionError("ambiguity recomputed structure channels the cache holds")
+    monkeypatch.setattr(C, "_level_features", no_resize)
+    monkeypatch.setattr(C, "_resize", no_resize)
+    assert C.ambiguity(frames, np.linalg.inv(G)) == pytest.approx(fresh, abs=1e-9)
+
+
+def test_jackknife_uncertainty_grows_when_one_strip_pins_the_mapping():
+    # the same scene with structure over the whole frame, and only in its top 80 rows: the mapping of the rest is
+    # extrapolated, and leaving one region's evidence out moves it more
+    G = np.array([[1.05, 0.02, -10.0], [-0.01, 1.03, 8.0], [3e-5, -2e-5, 1.0]])
+    out = []
+    for band in (360, 80):
+        ir, vis = scene(seed=0)
+        ir[band:], vis[band:] = 77, 120
+        out.append(C.dense_refine([(cv2.warpPerspective(ir, G, (480, 360)), vis)], np.linalg.inv(G)).uncertainty_px)
+    assert out[0] < 0.8 and out[1] > 2 * out[0], out
+
+
 def test_mutual_information_prefers_the_aligned_image():
     from ivf_ros.tools.registration_eval import mutual_information
     ir, vis = scene(seed=9)
     a, b = ir.astype(np.float32) / 255, vis.astype(np.float32) / 255
     valid = np.ones(a.shape, bool)
     assert mutual_information(a, b, valid) > mutual_information(np.roll(a, 15, axis=1), b, valid) + 0.2
+
+
+def test_mi_registration_finds_a_small_misalignment():
+    # the independent reference of the known-answer evaluation: from the identity it finds a 3-px, 1% misalignment
+    from ivf_ros.tools.registration_eval import mi_registration
+    ir, vis = scene(seed=11)
+    A = np.array([[1.01, 0.0, 3.0], [0.0, 1.01, -2.0], [0, 0, 1.0]])  # aligned IR px -> recorded IR px
+    ir = cv2.warpPerspective(ir, A, (480, 360))
+    assert C.grid_error(np.eye(3), np.linalg.inv(A), (480, 360))[0] > 3.0
+    H, nmi = mi_registration(ir, vis, np.eye(3))
+    assert C.grid_error(H, np.linalg.inv(A), (480, 360))[0] < 0.7 and nmi > 0.05
+    assert mi_registration(ir, vis, np.eye(3), reach=0.002) is None  # the optimum lies beyond the reach
 
 
 def test_random_homography_and_grid_error():
@@ -344,6 +384,27 @@ def test_random_homography_and_grid_error():
     T = np.array([[1.0, 0, 2.0], [0, 1.0, 0], [0, 0, 1.0]])
     mean, mx = grid_error(T @ H, H, (640, 480))
     assert mean == pytest.approx(2.0) and mx == pytest.approx(2.0)
+
+
+def test_synthetic_warps_depend_only_on_seed_and_pair(tmp_path):
+    from ivf_ros.tools.registration_eval import synthetic_tasks
+    for folder, stems in (("a", ["p1", "p2", "p3"]), ("b", ["p1"])):
+        for sub in ("ir", "vi"):
+            (tmp_path / folder / sub).mkdir(parents=True)
+            for stem in stems:
+                cv2.imwrite(str(tmp_path / folder / sub / f"{stem}.png"), np.zeros((24, 32), np.uint8))
+    warps = lambda tasks: {(t["dataset"], t["pair"]): t["warps"] for t in tasks}
+    full = warps(synthetic_tasks([tmp_path / "a", tmp_path / "b"], 2, 7, None, "homography"))
+    assert len(full) == 4 and full[("a", "p1")] != full[("b", "p1")] != full[("a", "p2")]
+    alone = warps(synthetic_tasks([tmp_path / "a"], 2, 7, None, "homography", only=["p2"]))
+    assert alone == {("a", "p2"): full[("a", "p2")]}
+    assert warps(synthetic_tasks([tmp_path / "b"], 2, 8, None, "homography"))[("b", "p1")] != full[("b", "p1")]
+    from ivf_ros.tools import registration_eval
+    p = argparse.ArgumentParser()
+    registration_eval.add_arguments(p)
+    with pytest.raises(ValueError, match="no such pair.*b:p2"):
+        registration_eval.run(p.parse_args(["--synthetic", str(tmp_path / "b"), "--pairs", "p1", "b:p2",
+                                            "--out", str(tmp_path / "out")]))
 
 
 @needs_data

@@ -20,13 +20,14 @@ import json
 import math
 import os
 import time
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from ..calibration import (MODELS, AutoConfig, CalibrationError, calibrate_auto, confidence_score, content_mask,
-                           edge_alignment, grid_error, to_gray, write_overlay)
+                           edge_alignment, grid_error, project, to_gray, write_overlay)
 from ..data import data_root, find_pairs, read_ir, read_vis
 from ..imageops import write_image
 from ..registration import Registration
@@ -57,8 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic: per folder, the registration of its aligned IR to its visible images ('-' = "
                         "identity, the default): the true mapping is this after undoing the random warp")
     p.add_argument("--self-reference", action="store_true",
-                   help="synthetic: also register each unwarped pair and score the answers against that (the "
-                        "method's consistency, free of the data set's own misalignment)")
+                   help="synthetic: also score the answers against each unwarped pair's own registration (the "
+                        "method's consistency, free of the data set's own misalignment) and against its "
+                        "mutual-information registration (a reference found independently of the method)")
+    p.add_argument("--pairs", nargs="+", metavar="PAIR",
+                   help="synthetic: only these pairs (file stems, or FOLDER:STEM); they get the same warps as in a "
+                        "full run")
     p.add_argument("--jobs", type=int, default=1, help="synthetic: worker processes (default 1)")
     p.add_argument("--rescore", metavar="JSONL",
                    help="synthetic: recompute confidence and refusals of a logged run (synthetic.jsonl) with the "
@@ -253,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
 
 WARP_RANGES = {"scale": (0.9, 1.15), "rotation_deg": 3.0, "shear": 0.02, "translation": 0.06, "perspective": 3e-5}
 GRID_STEP = 16
+CONFIRMED_PX = 1.5  # a data set's alignment of a pair counts as confirmed within this of its MI registration
 
 
 def random_homography(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
@@ -286,6 +292,60 @@ def mutual_information(a: np.ndarray, b: np.ndarray, valid: np.ndarray, bins: in
     return float((p[nz] * np.log(p[nz] / outer[nz])).sum())
 
 
+def mi_registration(ir: np.ndarray, vis: np.ndarray, H0: np.ndarray, side: int = 320, bins: int = 32,
+                    steps=(4.0, 2.0, 1.0, 0.5), reach: float = 0.04) -> tuple[np.ndarray, float] | None:
+    """A reference for an aligned pair found independently of :func:`calibrate_auto`: the homography (IR px ->
+    visible px) maximising the normalised mutual information of the raw intensities (not the structure maps the registration
+    uses) over the overlap at ``side`` px, by a pattern search over the visible positions of the frame's four
+    corners (``steps`` in full visible px) from ``H0``. Returns (matrix, normalised mutual information), or None
+    when the search runs into ``reach`` x the frame's long side from the start (no local optimum near it: dark night
+    frames, where the score favours degenerate overlaps)."""
+    gi, gv = to_gray(ir), to_gray(vis)
+    hv, wv = gv.shape
+    a = min(1.0, side / max(hv, wv))
+    small = cv2.resize(gv, (round(wv * a), round(hv * a)), interpolation=cv2.INTER_AREA)
+    hw, ww = small.shape
+    qv = np.minimum((cv2.GaussianBlur(small, (0, 0), 0.7) * bins).astype(np.int64), bins - 1).ravel()
+    gi = cv2.GaussianBlur(gi, (0, 0), 0.7 / a)
+    mask = content_mask(gi).astype(np.uint8)
+    S = np.array([[a, 0, (a - 1) / 2], [0, a, (a - 1) / 2], [0, 0, 1.0]])
+    corners = np.array([[0, 0], [wv - 1, 0], [wv - 1, hv - 1], [0, hv - 1]], np.float64)
+    ir_corners = project(np.linalg.inv(H0), corners).astype(np.float32)
+    matrix = lambda d: cv2.getPerspectiveTransform(ir_corners, (corners + d.reshape(4, 2)).astype(np.float32))
+
+    def score(d):
+        Hw = S @ matrix(d)
+        m = cv2.warpPerspective(gi, Hw, (ww, hw), flags=cv2.INTER_LINEAR)
+        ok = cv2.warpPerspective(mask, Hw, (ww, hw), flags=cv2.INTER_NEAREST).ravel() > 0
+        if ok.mean() < 0.3:
+            return -1.0
+        qi = np.minimum((m.ravel()[ok] * bins).astype(np.int64), bins - 1)
+        p = np.bincount(qi * bins + qv[ok], minlength=bins * bins).reshape(bins, bins).astype(np.float64)
+        p = cv2.GaussianBlur(p, (3, 3), 0.5) / p.sum()  # a little Parzen smoothing of the joint histogram
+        ent = lambda q: -float((q[q > 0] * np.log(q[q > 0])).sum())
+        # normalised (entropies over joint entropy - 1): unlike plain MI it does not favour shrinking the overlap
+        return (ent(p.sum(axis=0)) + ent(p.sum(axis=1))) / max(ent(p), 1e-9) - 1.0
+
+    d, best = np.zeros(8), score(np.zeros(8))
+    limit = reach * max(hv, wv)
+    for step in steps:
+        improved = True
+        while improved:
+            improved = False
+            for i in range(8):
+                for sign in (1.0, -1.0):
+                    t = d.copy()
+                    t[i] += sign * step
+                    if abs(t[i]) > limit:
+                        return None
+                    v = score(t)
+                    if v > best:
+                        d, best, improved = t, v, True
+                        break
+    H = matrix(d).astype(np.float64)
+    return H / H[2, 2], best
+
+
 def _synthetic_pair(task: dict) -> list[dict]:
     """The known-answer cases of one pair (runs in a worker): warp, register, score against the true mapping."""
     cv2.setNumThreads(1)
@@ -294,16 +354,19 @@ def _synthetic_pair(task: dict) -> list[dict]:
     vis_wh = (vis.shape[1], vis.shape[0])
     cfg = AutoConfig(model=task["model"], min_confidence=0.0)  # answers below the threshold are scored too
     ref = np.asarray(task["reference"]).reshape(3, 3)
-    own = None
+    own = mi_ref = None
     if task["self_reference"]:
         # the same method on the unwarped pair: scores the answers without the data set's own misalignment
         try:
             own = calibrate_auto([(ir, vis)], cfg)[0].matrix
         except CalibrationError:
             pass
+        # and a reference found independently of the method: mutual information, from the data set's alignment
+        found = mi_registration(ir, vis, ref)
+        mi_ref = None if found is None else found[0]
+    fit = {} if mi_ref is None else {"reference_vs_mi_px": grid_error(mi_ref, ref, vis_wh, GRID_STEP)[0]}
     # which fits the unwarped pair better, the data set's alignment or the pair's own registration (edge score and
     # mutual information of the raw intensities, a similarity the registration does not use)
-    fit = {}
     if own is not None:
         for name, M in (("reference", ref), ("own", own)):
             reg = Registration(M, (w, h), vis_wh)
@@ -330,9 +393,11 @@ def _synthetic_pair(task: dict) -> list[dict]:
                    **{k: info[k] for k in SYNTHETIC_INFO if k in info})
         if not np.allclose(ref, np.eye(3)):
             row["mean_px_vs_dataset"], row["max_px_vs_dataset"] = grid_error(reg.matrix, np.linalg.inv(G), vis_wh)
+        row.update(fit)
         if own is not None:
             row["mean_px_vs_self"], row["max_px_vs_self"] = grid_error(reg.matrix, own @ np.linalg.inv(G), vis_wh)
-            row.update(fit)
+        if mi_ref is not None:
+            row["mean_px_vs_mi"], row["max_px_vs_mi"] = grid_error(reg.matrix, mi_ref @ np.linalg.inv(G), vis_wh)
         if overlay:
             write_overlay(overlay, iw, vis, reg, max_width=1200)
         rows.append(row)
@@ -340,15 +405,16 @@ def _synthetic_pair(task: dict) -> list[dict]:
 
 
 SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "ambiguity", "dense_correlation",
-                  "dense_uncertainty_px", "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
+                  "jackknife_px", "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
                   "verify_matches")
 
 
 def synthetic_tasks(folders, per_pair: int, seed: int, references, model: str, limit: int = 0,
-                    overlays: int = 0, out: Path | None = None, self_reference: bool = False) -> list[dict]:
-    """The cases of the known-answer evaluation: one random homography stream per run (``seed``), in folder and
-    sorted pair order, so the same arguments give the same cases."""
-    rng = np.random.default_rng(seed)
+                    overlays: int = 0, out: Path | None = None, self_reference: bool = False,
+                    only: list[str] | None = None) -> list[dict]:
+    """The cases of the known-answer evaluation. The warps of a pair depend only on ``seed``, the folder's name and
+    the pair's name, so a pair gets the same cases in a full run, a ``limit``-ed one, or alone (``only``: pair
+    names, or ``folder:pair``)."""
     per_folder = []
     for fi, folder in enumerate(folders):
         tasks = []
@@ -358,11 +424,14 @@ def synthetic_tasks(folders, per_pair: int, seed: int, references, model: str, l
         pairs = find_pairs(folder / "ir", vis_dir)
         if limit:
             pairs = pairs[:: max(1, len(pairs) // limit)][:limit]
+        name = folder.name
+        if only:
+            pairs = [p for p in pairs if p.stem in only or f"{name}:{p.stem}" in only]
         ref_spec = references[fi] if references else "-"
         ref = np.eye(3) if ref_spec == "-" else Registration.load(ref_spec).matrix
-        name = folder.name
         for k, p in enumerate(pairs):
             h, w = cv2.imread(str(p.ir), cv2.IMREAD_UNCHANGED).shape[:2]
+            rng = np.random.default_rng([seed, zlib.crc32(f"{name}/{p.stem}".encode())])
             warps = [random_homography(rng, w, h).ravel().tolist() for _ in range(per_pair)]
             shots = [str(out / "overlays" / f"synthetic_{name}_{p.stem}_{j}.png")
                      if out is not None and (overlays < 0 or k * per_pair + j < overlays) else None
@@ -471,7 +540,10 @@ def run_synthetic(args: argparse.Namespace) -> int:
         raise ValueError(f"--reference needs one entry per --synthetic folder ({len(args.synthetic)}), "
                          f"got {len(args.reference)}")
     tasks = synthetic_tasks(args.synthetic, args.per_pair, args.seed, args.reference, args.model, args.limit,
-                            args.overlays, out, args.self_reference)
+                            args.overlays, out, args.self_reference, args.pairs)
+    missing = set(args.pairs or ()) - {t["pair"] for t in tasks} - {f"{t['dataset']}:{t['pair']}" for t in tasks}
+    if missing:
+        raise ValueError(f"--pairs: no such pair in {', '.join(args.synthetic)}: {', '.join(sorted(missing))}")
     rows: list[dict] = []
     with (out / "synthetic.jsonl").open("w") as log, tqdm(total=len(tasks), desc="registering", unit="pair") as bar:
         def done(pair_rows):  # cases are logged as they come, so a long run can be followed (and read if cut)
@@ -520,6 +592,15 @@ def write_synthetic(rows: list[dict], args: argparse.Namespace, out: Path) -> in
     if any("mean_px_vs_self" in r for r in rows):
         table += ("\nAgainst each pair's own registration (the unwarped pair registered by the same method):\n\n"
                   + synthetic_markdown(synthetic_summary(rows, key="mean_px_vs_self")) + "\n" + reference_check(rows))
+    if any("mean_px_vs_mi" in r for r in rows):
+        table += ("\nAgainst an independent reference per pair (the unwarped pair registered by maximising the mutual "
+                  "information of the raw intensities, from the data set's alignment):\n\n"
+                  + synthetic_markdown(synthetic_summary(rows, key="mean_px_vs_mi")))
+        confirmed = [r for r in rows if r.get("reference_vs_mi_px", math.inf) <= CONFIRMED_PX]
+        table += (f"\nAgainst the data set's alignment, on the pairs where the mutual-information registration "
+                  f"confirms it (within {CONFIRMED_PX:g} px; {len({(r['dataset'], r['pair']) for r in confirmed})} of "
+                  f"{len({(r['dataset'], r['pair']) for r in rows})} pairs):\n\n"
+                  + synthetic_markdown(synthetic_summary(confirmed)))
     (out / "synthetic.md").write_text(table)
     if args.plot:
         _plot(rows, out / "synthetic.png")
