@@ -103,6 +103,7 @@ def test_short_real_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tm
     model, meta = load_checkpoint(tmp_path / "best.safetensors")
     assert meta["classes"] == CLASSES and meta["training"]["steps"] == 30
     assert "VIF" in meta["validation"]
+    assert load_checkpoint(tmp_path / "final.safetensors")[1]["validation"]["step"] == 30
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 30
     yaml.safe_dump(meta)  # metadata stays plain data

@@ -4,9 +4,10 @@
         [--set KEY=VALUE ...]
 
 Writes ``OUT/last.pt`` (resumable training state), ``OUT/best.safetensors`` (the best checkpoint by the
-validation score, in the shipped format), ``OUT/log.jsonl`` (one line per validation) and ``OUT/losses.jsonl``
-(one line per step). ``--resume`` cuts both logs back to the step it resumes from; a run without it starts new
-logs (and, at its first validation, a new best checkpoint).
+validation score, in the shipped format), ``OUT/final.safetensors`` (after the last step, same format),
+``OUT/log.jsonl`` (one line per validation) and ``OUT/losses.jsonl`` (one line per step). ``--resume`` cuts both
+logs back to the step it resumes from; a run without it starts new logs (and, at its first validation, a new best
+checkpoint).
 """
 from __future__ import annotations
 
@@ -207,6 +208,8 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
         if metrics["score"] > best["score"]:
             best = {"step": step, **metrics}
             save_checkpoint(out / "best.safetensors", model, checkpoint_metadata(cfg, model, best))
+        if step == tc["steps"]:  # the last step's model too, whatever its score
+            save_checkpoint(out / "final.safetensors", model, checkpoint_metadata(cfg, model, {"step": step, **metrics}))
         model.train()
         freeze(model, frozen)
 
