@@ -10,8 +10,9 @@ import yaml
 from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import data_root
 from training.datasets import IGNORE, CropDataset, box_mask, load_pairs
-from training.losses import (difference_correlation_loss, dominant_gradient_loss, fusion_loss, sobel, sobel_magnitude,
-                             ssim)
+from ivf_ros.metrics import fusion_metrics, to_gray
+from training.losses import (difference_correlation_loss, dominant_gradient_loss, fusion_loss, fusion_metrics_torch,
+                             sobel, sobel_magnitude, ssim)
 from training.train import load_config, main as train_main, set_entry, train
 
 CLASSES = ["background", "person", "bicycle", "car"]
@@ -102,6 +103,7 @@ def test_short_real_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tm
     model, meta = load_checkpoint(tmp_path / "best.safetensors")
     assert meta["classes"] == CLASSES and meta["training"]["steps"] == 30
     assert "VIF" in meta["validation"]
+    assert load_checkpoint(tmp_path / "final.safetensors")[1]["validation"]["step"] == 30
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 30
     yaml.safe_dump(meta)  # metadata stays plain data
@@ -141,3 +143,36 @@ def test_difference_correlation_is_zero_when_each_source_explains_the_others_sha
     ir, vis = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
     assert difference_correlation_loss(ir + vis, ir, vis).item() < 1e-5  # SCD = 2
     assert difference_correlation_loss(vis, ir, vis).item() > 0.5  # nothing of the IR added
+
+
+@needs_data
+@pytest.mark.parametrize("rule", ["max", "mix"])
+def test_torch_metrics_match_the_reported_ones_on_a_real_pair(rule):
+    ir, vis = (to_gray(cv2.imread(str(DATA / "tno" / d / "01.png")))[100:260, 200:400] for d in ("ir", "vi"))
+    fused = np.maximum(ir, vis) if rule == "max" else np.clip(0.7 * ir + 0.6 * vis - 20, 0, 255)
+    expected = fusion_metrics(ir, vis, fused, ("VIF", "Qabf", "SSIM", "SCD"))
+    got = fusion_metrics_torch(*(torch.from_numpy(x / 255)[None, None] for x in (ir, vis, fused)))
+    for name, value in expected.items():
+        assert got[name].item() == pytest.approx(value, rel=1e-6), name
+    x = torch.from_numpy(np.stack([ir, vis, fused]) / 255).float()[:, None].requires_grad_(True)
+    terms = fusion_loss(x[2:], x[:1], x[1:2], {"vif": 1.0, "qabf": 1.0, "ssim_metric": 1.0})
+    assert terms["qabf"].item() == pytest.approx(1 - expected["Qabf"], rel=1e-4)
+    terms["total"].backward()
+    assert torch.isfinite(x.grad).all() and x.grad[2].abs().sum() > 0
+
+
+@needs_data
+def test_trainable_modules_train_and_the_rest_stays_bit_identical(tmp_path):
+    cfg = load_config("training/configs/student_metrics.yaml")
+    cfg["data"] = [{"root": "msrs", "layout": "pairs", "split": "train", "limit": 2}]
+    cfg["val"] = {"root": "msrs", "layout": "pairs", "split": "val", "limit": 1}
+    cfg["train"].update(steps=3, batch=2, crop=64, val_every=3, lr=0.01, threads=1)
+    cfg["seed"] = 0
+    start = load_checkpoint(cfg["init"])[0].state_dict()
+    train(cfg, tmp_path, progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    changed = {k.split(".")[0] for k in start if not torch.equal(start[k], state[k])}
+    assert changed == {"dec8", "dec4", "coeff_head"}  # BatchNorm statistics of the others included
+    cfg["train"]["trainable"] = ["dec8", "decoder"]
+    with pytest.raises(ValueError, match="no sub-module decoder"):
+        train(cfg, tmp_path / "bad", progress=False)

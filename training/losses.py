@@ -7,7 +7,9 @@ structural (SSIM) term towards both sources:
 * gradient:  L1 between |Sobel(F)| and max(|Sobel(IR)|, |Sobel(VIS)|) (keeps the strongest texture of either);
 * ssim:      1 - (SSIM(F, IR) + SSIM(F, VIS)) / 2 (keeps the structure of both);
 * gradient_vector (optional): L1 to the gradient vector of the locally dominant source (edge orientation too);
-* difference_correlation (optional): 2 - SCD, the sum of correlations of (F - VIS) with IR and (F - IR) with VIS.
+* difference_correlation (optional): 2 - SCD, the sum of correlations of (F - VIS) with IR and (F - IR) with VIS;
+* vif, qabf, ssim_metric (optional): 2 - VIF, 1 - Qabf and 2 - SSIM, the reported metrics themselves (torch
+  versions below, per crop).
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def difference_correlation_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torc
 
 def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor, weights: dict) -> dict[str, torch.Tensor]:
     """Weighted fusion loss terms; ``weights`` keys: intensity, gradient, ssim, gradient_vector,
-    difference_correlation.
+    difference_correlation, vif, qabf, ssim_metric.
     Returns the terms and their weighted sum as 'total'."""
     grads = [sobel(x) for x in (fused, ir, vis)]  # once, for the gradient and gradient_vector terms
     g_fused, g_ir, g_vis = ((gx.abs() + gy.abs()) for gx, gy in grads)
@@ -79,6 +81,12 @@ def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor, weight
         terms["gradient_vector"] = dominant_gradient_loss(*grads)
     if weights.get("difference_correlation"):
         terms["difference_correlation"] = difference_correlation_loss(fused, ir, vis)
+    if weights.get("vif"):
+        terms["vif"] = 2.0 - (vif_torch(255 * ir, 255 * fused) + vif_torch(255 * vis, 255 * fused)).mean()
+    if weights.get("qabf"):
+        terms["qabf"] = 1.0 - qabf_torch(255 * ir, 255 * vis, 255 * fused).mean()
+    if weights.get("ssim_metric"):
+        terms["ssim_metric"] = 2.0 - (ssim_torch(255 * ir, 255 * fused) + ssim_torch(255 * vis, 255 * fused)).mean()
     terms["total"] = sum(weights.get(k, 0.0) * v for k, v in terms.items())
     return terms
 
@@ -102,3 +110,88 @@ def soft_segmentation_loss(small_logits: torch.Tensor, soft: torch.Tensor, weigh
     if total <= 0:
         return small_logits.sum() * 0.0
     return -(weight * (soft * F.log_softmax(small_logits, dim=1)).sum(1)).sum() / total
+
+
+# ------------------------------------------------------------------------------------ differentiable metrics
+# Torch versions of the reported Qabf, VIF, SSIM and SCD (``ivf_ros.metrics``, gray levels 0..255): the same
+# definitions, differentiable where the numpy metric is (a test checks them against it on a real pair).
+
+def _gaussian(size: int, sigma: float) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    k = torch.exp(-x * x / (2 * sigma * sigma))
+    return k / k.sum()
+
+
+def _filter_valid(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Separable filtering by the 1-D kernel ``k`` in both axes, valid region only (N x 1 x H x W)."""
+    k = k.to(x.dtype)
+    return F.conv2d(F.conv2d(x, k.view(1, 1, -1, 1)), k.view(1, 1, 1, -1))
+
+
+def _stats(x: torch.Tensor, y: torch.Tensor, k: torch.Tensor):
+    """Local means, variances and covariance of x and y under ``k`` (valid region)."""
+    mx, my = _filter_valid(x, k), _filter_valid(y, k)
+    return (mx, my, _filter_valid(x * x, k) - mx * mx, _filter_valid(y * y, k) - my * my,
+            _filter_valid(x * y, k) - mx * my)
+
+
+_QABF_SOBEL = torch.tensor([[[[1.0, 0, -1], [2, 0, -2], [1, 0, -1]]], [[[-1.0, -2, -1], [0, 0, 0], [1, 2, 1]]]])
+
+
+def _strength_orientation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g = F.conv2d(x, _QABF_SOBEL.to(x.dtype), padding=1)  # zero padding, as the metric
+    gx, gy = g[:, :1], g[:, 1:]
+    zero = gx == 0
+    angle = torch.where(zero, torch.full_like(gx, torch.pi / 2), torch.atan(gy / torch.where(zero, 1.0, gx)))
+    return torch.sqrt(gx * gx + gy * gy + 1e-12), angle
+
+
+def qabf_torch(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Per-image Q^{AB/F} (N values) of fused ``f`` from sources ``a``, ``b`` (N x 1 x H x W, gray 0..255)."""
+    (ga, aa), (gb, ab), (gf, af) = (_strength_orientation(x) for x in (a, b, f))
+
+    def preserved(g, angle):
+        strength = torch.minimum(g, gf) / torch.maximum(g, gf)
+        orientation = 1 - (angle - af).abs() / (torch.pi / 2)
+        return 0.9994 / (1 + torch.exp(-15 * (strength - 0.5))) * 0.9879 / (1 + torch.exp(-22 * (orientation - 0.8)))
+
+    num = (preserved(ga, aa) * ga + preserved(gb, ab) * gb).flatten(1).sum(1)
+    return num / (ga + gb).flatten(1).sum(1)
+
+
+_VIF_TORCH_KERNELS = tuple(_gaussian(2 ** (4 - s) + 1, (2 ** (4 - s) + 1) / 5) for s in range(4))
+
+
+def vif_torch(ref: torch.Tensor, dist: torch.Tensor, sigma_n2: float = 2.0) -> torch.Tensor:
+    """Per-image pixel-domain multiscale VIF of ``dist`` against ``ref`` (N x 1 x H x W, gray 0..255)."""
+    eps = 1e-10
+    num = den = 0.0
+    for scale, k in enumerate(_VIF_TORCH_KERNELS):
+        if scale:
+            ref, dist = _filter_valid(ref, k)[..., ::2, ::2], _filter_valid(dist, k)[..., ::2, ::2]
+        if min(ref.shape[-2:]) < len(k):
+            break
+        _, _, s1, s2, s12 = _stats(ref, dist, k)
+        s1, s2 = s1.clamp(min=0), s2.clamp(min=0)
+        informative = (s1 >= eps) & (s2 >= eps) & (s12 > 0)
+        g = torch.where(informative, s12 / (s1 + eps), torch.zeros_like(s12))
+        noise = (s2 - g * s12).clamp(min=eps)
+        num = num + torch.log1p(g * g * s1 / (noise + sigma_n2)).flatten(1).sum(1)
+        den = den + torch.log1p(torch.where(s1 >= eps, s1, torch.zeros_like(s1)) / sigma_n2).flatten(1).sum(1)
+    return num / den
+
+
+def ssim_torch(a: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (Gaussian 11-tap window, sigma 1.5, valid region) of gray 0..255 images, as reported."""
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ma, mf, va, vf, cov = _stats(a, f, _gaussian(11, 1.5))
+    return ((2 * ma * mf + c1) * (2 * cov + c2) / ((ma * ma + mf * mf + c1) * (va + vf + c2))).flatten(1).mean(1)
+
+
+def fusion_metrics_torch(ir: torch.Tensor, vis: torch.Tensor, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image VIF, Qabf, SSIM and SCD as ``ivf_ros.metrics.fusion_metrics`` reports them, from images in [0, 1]
+    (scaled to gray levels here)."""
+    a, b, f = (x * 255.0 for x in (ir, vis, fused))
+    return {"VIF": vif_torch(a, f) + vif_torch(b, f), "Qabf": qabf_torch(a, b, f),
+            "SSIM": ssim_torch(a, f) + ssim_torch(b, f),
+            "SCD": _correlation(f - b, a) + _correlation(f - a, b)}

@@ -4,9 +4,10 @@
         [--set KEY=VALUE ...]
 
 Writes ``OUT/last.pt`` (resumable training state), ``OUT/best.safetensors`` (the best checkpoint by the
-validation score, in the shipped format), ``OUT/log.jsonl`` (one line per validation) and ``OUT/losses.jsonl``
-(one line per step). ``--resume`` cuts both logs back to the step it resumes from; a run without it starts new
-logs (and, at its first validation, a new best checkpoint).
+validation score, in the shipped format), ``OUT/final.safetensors`` (after the last step, same format),
+``OUT/log.jsonl`` (one line per validation) and ``OUT/losses.jsonl`` (one line per step). ``--resume`` cuts both
+logs back to the step it resumes from; a run without it starts new logs (and, at its first validation, a new best
+checkpoint).
 """
 from __future__ import annotations
 
@@ -94,6 +95,19 @@ def freeze(model: torch.nn.Module, names=FUSION_MODULES) -> None:
             p.requires_grad_(False)
 
 
+def frozen_modules(model: torch.nn.Module, cfg: dict) -> tuple[str, ...]:
+    """The sub-modules a config keeps fixed: with ``train.trainable`` (sub-module names) all the others, else
+    with ``freeze_fusion`` the fusion path's, else none."""
+    names = [name for name, _ in model.named_children()]
+    trainable = cfg["train"].get("trainable")
+    if trainable is not None:
+        unknown = sorted(set(trainable) - set(names))
+        if unknown:
+            raise ValueError(f"train.trainable: no sub-module {', '.join(unknown)} (the model has {', '.join(names)})")
+        return tuple(name for name in names if name not in trainable)
+    return FUSION_MODULES if cfg.get("freeze_fusion") else ()
+
+
 def teacher_of(cfg: dict) -> dict | None:
     """The teacher and label rule behind a config's teacher-label entries, for the checkpoint metadata."""
     caches = [e["teacher_cache"] for e in cfg["data"] if e.get("teacher_cache")]
@@ -154,13 +168,14 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
                         num_workers=int(tc.get("workers", 0)),
                         generator=torch.Generator().manual_seed(int(cfg.get("seed", 0))))
     model = build_model(ARCHITECTURE, {"num_classes": len(classes), **cfg["model"]})
-    if getattr(model, "seg_rows", 0):
-        raise ValueError("a seg_rows head trains with python -m training.fit_head (crops would lose their rows)")
     if cfg.get("init"):  # fine-tune from a checkpoint of the same architecture (a new head starts fresh)
         fresh = init_from(model, resolve_repo_path(cfg["init"]))
         if fresh:
             tqdm.write(f"init {cfg['init']}: {len(fresh)} tensors start fresh ({fresh[0]}, ...)")
-    frozen = FUSION_MODULES if cfg.get("freeze_fusion") else ()
+    frozen = frozen_modules(model, cfg)
+    if getattr(model, "seg_rows", 0) and any(n.startswith("seg") for n, _ in model.named_children() if n not in frozen):
+        raise ValueError("a seg_rows head trains with python -m training.fit_head (crops would lose their rows)")
+    fusion_fixed = set(FUSION_MODULES) <= set(frozen)  # then the fusion metrics cannot change
     freeze(model, frozen)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc["lr"],
                             weight_decay=tc.get("weight_decay", 1e-4))
@@ -182,8 +197,8 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
 
     def validate_and_keep_best():
         nonlocal best
-        metrics = validate(model, val_samples, classes, progress=False, fusion=not (frozen and fusion_at_start))
-        if frozen:
+        metrics = validate(model, val_samples, classes, progress=False, fusion=not (fusion_fixed and fusion_at_start))
+        if fusion_fixed:
             fusion_at_start.update({k: metrics[k] for k in VALIDATION_METRICS} if not fusion_at_start else {})
             metrics = {**fusion_at_start, **metrics}
         metrics["score"] = selection_score(metrics)
@@ -193,6 +208,8 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
         if metrics["score"] > best["score"]:
             best = {"step": step, **metrics}
             save_checkpoint(out / "best.safetensors", model, checkpoint_metadata(cfg, model, best))
+        if step == tc["steps"]:  # the last step's model too, whatever its score
+            save_checkpoint(out / "final.safetensors", model, checkpoint_metadata(cfg, model, {"step": step, **metrics}))
         model.train()
         freeze(model, frozen)
 
@@ -262,6 +279,7 @@ def checkpoint_metadata(cfg: dict, model: torch.nn.Module, metrics: dict) -> dic
             "segmentation_targets": cfg.get("segmentation_targets", "box-derived masks (training/datasets.py)"),
             "segmentation_teacher": teacher_of(cfg),
             "freeze_fusion": bool(cfg.get("freeze_fusion", False)),
+            "trainable": cfg["train"].get("trainable"),
             "prior_source": cfg.get("prior_source", "none (trained directly, no teacher)"),
             "steps": cfg["train"]["steps"],
             "init": cfg.get("init"),
