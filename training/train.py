@@ -154,8 +154,8 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
                         num_workers=int(tc.get("workers", 0)),
                         generator=torch.Generator().manual_seed(int(cfg.get("seed", 0))))
     model = build_model(ARCHITECTURE, {"num_classes": len(classes), **cfg["model"]})
-    if getattr(model, "seg_rows", 0):
-        raise ValueError("a seg_rows head trains with python -m training.fit_head (crops would lose their rows)")
+    if getattr(model, "seg_rows", 0) or getattr(model, "seg_chroma", 0):  # this loop feeds neither
+        raise ValueError("a seg_rows or seg_chroma head trains with python -m training.fit_head")
     if cfg.get("init"):  # fine-tune from a checkpoint of the same architecture (a new head starts fresh)
         fresh = init_from(model, resolve_repo_path(cfg["init"]))
         if fresh:
