@@ -22,8 +22,7 @@ decoder input (its own context path) and its 1/4 blocks read those, upsampled, w
 reads the row coordinate (0 at the top of the image, 1 at the bottom): where in the frame a pixel lies (sky above,
 road below), which convolutions alone cannot see. With ``seg_chroma`` 1 it also reads the visible chroma (Cr, Cb
 averaged over 8 x 8 pixels, centred on neutral grey and scaled by ``CHROMA_SCALE``; neutral when no chroma is given, e.g.
-gray cameras): the teacher sees colour, the fusion input only luminance; with 2 the first 1/4 block also reads it,
-averaged over 4 x 4 pixels. (A refinement at 1/2 with the stem
+gray cameras): the teacher sees colour, the fusion input only luminance. (A refinement at 1/2 with the stem
 features was measured at +20 ms per 640x480 pair on 2 threads, over the time budget.)
 """
 from __future__ import annotations
@@ -140,7 +139,7 @@ class FusionStudent(nn.Module):
     hyper_parameter_limits = {"num_classes": (int, 1, 255), "width": (int, 1, 256), "seg_width": (int, 0, 256),
                               "seg_depth": (int, 1, 8), "seg_context": (int, 0, 256),
                               "seg_context_depth": (int, 1, 8),
-                              "seg_rows": (int, 0, 1), "seg_chroma": (int, 0, 2)}
+                              "seg_rows": (int, 0, 1), "seg_chroma": (int, 0, 1)}
 
     def __init__(self, num_classes: int = 4, width: int = 16, seg_width: int = 0, seg_depth: int = 1,
                  seg_context: int = 0, seg_rows: int = 0, seg_chroma: int = 0,
@@ -172,8 +171,6 @@ class FusionStudent(nn.Module):
                 self.seg_rows_conv = nn.Conv2d(1, seg_context, 3, padding=1, bias=False)
             if seg_chroma:  # likewise the chroma's term
                 self.seg_chroma_conv = nn.Conv2d(2, seg_context, 3, padding=1, bias=False)
-            if seg_chroma == 2:  # and at 1/4, after the first 1/4 block's BatchNorm
-                self.seg_chroma4_conv = nn.Conv2d(2, seg_width, 3, padding=1, bias=False)
         if seg_width:  # own path: up(d8 or seg8) + f4, not dec4's output
             self.seg4 = nn.ModuleList([_block((seg_context or 2 * w) + 2 * w, seg_width)] +
                                       [_block(seg_width, seg_width) for _ in range(seg_depth - 1)])
@@ -223,8 +220,6 @@ class FusionStudent(nn.Module):
         if self.seg_chroma and chroma is not None:
             # 8 x 8 averages (clipped at the border): the 1/8 grid, ceil(size / 8), as one exportable op
             enc["chroma"] = (F.avg_pool2d(chroma, 8, ceil_mode=True) - 0.5) * CHROMA_SCALE
-            if self.seg_chroma == 2:
-                enc["chroma4"] = (F.avg_pool2d(chroma, 4, ceil_mode=True) - 0.5) * CHROMA_SCALE
         return enc
 
     def features(self, ir: torch.Tensor, vis_y: torch.Tensor) -> torch.Tensor:
@@ -275,11 +270,7 @@ class FusionStudent(nn.Module):
                 x8 = self.seg8(x8)
             up = F.interpolate(x8, size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([up, enc["f4"]], dim=1)
-        blocks = self.seg4
-        if self.seg_chroma == 2 and "chroma4" in enc:
-            conv, bn, relu = self.seg4[0]
-            x, blocks = relu(bn(conv(x)) + self.seg_chroma4_conv(enc["chroma4"])), self.seg4[1:]
-        for block in blocks:
+        for block in self.seg4:
             x = block(x)
         return self.seg_head(x)
 

@@ -134,8 +134,7 @@ def test_soft_loss_is_lowest_at_the_target_and_ignores_zero_weight():
 
 @pytest.mark.parametrize("hp", [{}, {"seg_width": 16}, {"seg_width": 16, "seg_depth": 2},
                                 {"seg_width": 16, "seg_context": 8, "seg_rows": 1},
-                                {"seg_width": 16, "seg_context": 8, "seg_context_depth": 3, "seg_chroma": 1},
-                                {"seg_width": 16, "seg_context": 8, "seg_chroma": 2}])
+                                {"seg_width": 16, "seg_context": 8, "seg_context_depth": 3, "seg_chroma": 1}])
 def test_head_shapes_fold_and_hyper_parameters(hp):
     model = FusionStudent(width=8, **hp)
     model.train()

@@ -38,7 +38,7 @@ def head_inputs(model, ir: torch.Tensor, vis_y: torch.Tensor, chroma: torch.Tens
     """The encoder features the head reads (``head_logits``'s inputs), float16, without the batch axis."""
     enc = model.encode(ir, vis_y, chroma)
     keys = ("dec8_in", "f4") if model.seg_context else ("dec4_in",) if model.seg_width else ("feats",)
-    keys += tuple(k for k in ("chroma", "chroma4") if k in enc)
+    keys += ("chroma",) if "chroma" in enc else ()
     out = {k: enc[k][0].half() for k in keys}
     if getattr(model, "seg_rows", 0):  # the whole image's rows, so that windows keep their place in the frame
         out["rows"] = row_coordinates(enc["dec8_in"])[0].half()
@@ -71,7 +71,7 @@ def crop_at(s: Sample, crop: int, rng: np.random.Generator) -> tuple[int, int]:
     return y - y % 8, x - x % 8
 
 
-STRIDES = {"dec8_in": 8, "rows": 8, "chroma": 8, "chroma4": 4, "f4": 4, "dec4_in": 4, "feats": 4}  # of the cached features
+STRIDES = {"dec8_in": 8, "rows": 8, "chroma": 8, "f4": 4, "dec4_in": 4, "feats": 4}  # of the cached features
 
 
 def batch_of(samples, feats, picks, crop: int = 0, rng: np.random.Generator | None = None):
