@@ -245,7 +245,7 @@ def test_short_distillation_lowers_the_segmentation_loss(tmp_path):
     cfg.update(init=None, data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train",
                                  "teacher_cache": str(cache)}],
                val={"root": str(tmp_path / "data"), "layout": "pairs", "split": "val"})
-    cfg["model"].update(seg_width=16, seg_rows=0)
+    cfg["model"].update(seg_width=16, seg_rows=0, seg_chroma=0)
     cfg["train"].update(steps=40, batch=4, crop=64, val_every=40, lr=0.01, threads=1)
     torch.manual_seed(0)
     train(cfg, tmp_path / "run", progress=False)
