@@ -1,7 +1,8 @@
 """Network-only runners: one small interface over torch eager, torch.compile, ONNX Runtime and TensorRT.
 
-A backend is called as ``backend(ir01, vis_y)`` with two H x W float32 images in [0, 1] (registered IR, visible
-luminance) and returns ``(fused_y, labels)``: H x W float32 fused luminance and H x W uint8 class ids (``None``
+A backend is called as ``backend(ir01, vis_y[, chroma])`` with two H x W float32 images in [0, 1] (registered IR,
+visible luminance) and optionally the visible chroma (H x W x 2 uint8 Cr, Cb, as ``split_luminance`` gives; read
+by heads with ``seg_chroma``, neutral when None) and returns ``(fused_y, labels)``: H x W float32 fused luminance and H x W uint8 class ids (``None``
 for networks without a segmentation head, such as the SAGE reference). Any network whose forward takes
 ``(ir, vis_y)`` as N x 1 x H x W tensors and returns ``fused`` or ``(fused, logits)`` can be run.
 
@@ -35,6 +36,7 @@ import torch.nn as nn
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 ONNX_BACKENDS = BACKENDS[2:]  # run exported ONNX (and so can take an onnx_path)
 INPUT_NAMES = ("ir", "vis_y")
+CHROMA_INPUT = "chroma"  # 1 x H x W x 2 uint8, an input of exported graphs whose network reads the chroma
 POOL_FACTOR = 4  # model.grid_average pools to ceil(size / 4): the only adaptive pooling exported
 DEFAULT_ENGINE_CACHE = Path(os.environ.get("IVF_ENGINE_CACHE", Path.home() / ".cache" / "ivf_ros" / "tensorrt"))
 
@@ -52,12 +54,15 @@ class _WithLabels(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, ir: torch.Tensor, vis_y: torch.Tensor):
+    def forward(self, ir: torch.Tensor, vis_y: torch.Tensor, chroma: torch.Tensor | None = None):
+        """``chroma``: N x H x W x 2 uint8 (Cr, Cb), given only to networks that read it."""
         exporting = torch.onnx.is_in_onnx_export()
+        # planar first: pooling and scaling interleaved planes took ~1.6x as long here
+        extra = () if chroma is None else (chroma.permute(0, 3, 1, 2).contiguous().to(ir.dtype) * (1.0 / 255.0),)
         if hasattr(self.net, "fuse_and_label") and not exporting:
-            fused, labels = self.net.fuse_and_label(ir, vis_y)
+            fused, labels = self.net.fuse_and_label(ir, vis_y, *extra)
             return fused.float(), labels.to(torch.uint8)
-        out = self.net(ir, vis_y)
+        out = self.net(ir, vis_y, *extra)
         if isinstance(out, torch.Tensor):
             return (out.float(),)
         fused, logits = out
@@ -79,6 +84,11 @@ def keep_freed_memory() -> bool:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
+def reads_chroma(model: nn.Module) -> bool:
+    """Whether a network's labels depend on the visible chroma (a head with ``seg_chroma``)."""
+    return bool(getattr(model, "seg_chroma", 0))
+
+
 def prepare_module(model: nn.Module) -> nn.Module:
     """Inference form of a network: eval mode, BatchNorm folded into convolutions when the network offers it."""
     model = model.eval()
@@ -97,6 +107,7 @@ class TorchBackend:
         self.half = bool(half) and cuda
         self.dtype = torch.float16 if self.half else torch.float32
         self.cuda_graphs = bool(cuda_graphs) and cuda and not compile
+        self.chroma = reads_chroma(model)
         model = prepare_module(model).to(self.device, memory_format=torch.channels_last)
         self.net = _WithLabels(model.half() if self.half else model).eval()
         if compile:
@@ -110,6 +121,11 @@ class TorchBackend:
         if key not in self._buffers:
             buf = {"host_in": torch.empty((2, 1, 1, h, w), pin_memory=True)}
             buf["dev_in"] = torch.empty((2, 1, 1, h, w), device=self.device, dtype=self.dtype)
+            chroma = ()
+            if self.chroma:  # neutral until a pair brings its chroma
+                buf["host_chroma"] = torch.full((1, h, w, 2), 128, dtype=torch.uint8, pin_memory=True)
+                chroma = (buf["host_chroma"].to(self.device),)
+                buf["dev_chroma"] = chroma[0]
             buf["host_fused"] = torch.empty((h, w), pin_memory=True)
             buf["host_labels"] = torch.empty((h, w), dtype=torch.uint8, pin_memory=True)
             if self.cuda_graphs:
@@ -117,35 +133,43 @@ class TorchBackend:
                 stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(stream):
                     for _ in range(3):  # warm up kernels and allocator outside the capture
-                        self.net(buf["dev_in"][0], buf["dev_in"][1])
+                        self.net(buf["dev_in"][0], buf["dev_in"][1], *chroma)
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    buf["dev_out"] = self.net(buf["dev_in"][0], buf["dev_in"][1])
+                    buf["dev_out"] = self.net(buf["dev_in"][0], buf["dev_in"][1], *chroma)
                 buf["graph"] = graph
             self._buffers[key] = buf
         return self._buffers[key]
 
     @torch.inference_mode()
-    def __call__(self, ir01: np.ndarray, vis_y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def __call__(self, ir01: np.ndarray, vis_y: np.ndarray,
+                 chroma: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         ir01 = np.ascontiguousarray(ir01, dtype=np.float32)
         vis_y = np.ascontiguousarray(vis_y, dtype=np.float32)
+        chroma = chroma if self.chroma else None
         if self.device.type == "cpu":  # zero-copy views of the numpy inputs
-            outs = self.net(torch.from_numpy(ir01)[None, None], torch.from_numpy(vis_y)[None, None])
+            extra = () if chroma is None else (torch.from_numpy(np.asarray(chroma, np.uint8))[None],)  # a view
+            outs = self.net(torch.from_numpy(ir01)[None, None], torch.from_numpy(vis_y)[None, None], *extra)
             return outs[0][0, 0].numpy(), outs[1][0].numpy() if len(outs) > 1 else None
-        return self._run_cuda(ir01, vis_y)
+        return self._run_cuda(ir01, vis_y, chroma)
 
-    def _run_cuda(self, ir01: np.ndarray, vis_y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _run_cuda(self, ir01: np.ndarray, vis_y: np.ndarray,
+                  chroma: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         buf = self._buffers_for(*ir01.shape)
         host_in = buf["host_in"].numpy()
         host_in[0, 0, 0] = ir01
         host_in[1, 0, 0] = vis_y
         buf["dev_in"].copy_(buf["host_in"], non_blocking=True)
+        if self.chroma:
+            buf["host_chroma"].numpy()[0] = 128 if chroma is None else chroma
+            buf["dev_chroma"].copy_(buf["host_chroma"], non_blocking=True)
+        extra = (buf["dev_chroma"],) if self.chroma else ()
         if "graph" in buf:
             buf["graph"].replay()
             outs = buf["dev_out"]
         else:
-            outs = self.net(buf["dev_in"][0], buf["dev_in"][1])
+            outs = self.net(buf["dev_in"][0], buf["dev_in"][1], *extra)
         buf["host_fused"].copy_(outs[0][0, 0], non_blocking=True)
         if len(outs) > 1:
             buf["host_labels"].copy_(outs[1][0], non_blocking=True)
@@ -156,8 +180,9 @@ class TorchBackend:
 
 def export_onnx(model: nn.Module, path: str | Path | io.BytesIO, height: int = 480, width: int = 640,
                 dynamic: bool = False, opset: int = 17) -> None:
-    """Export ``model`` (BatchNorm folded) to ONNX: inputs ``ir``, ``vis_y`` (1 x 1 x H x W float32), outputs
-    ``fused`` (1 x 1 x H x W float32) and, for networks with a segmentation head, ``labels`` (1 x H x W uint8).
+    """Export ``model`` (BatchNorm folded) to ONNX: inputs ``ir``, ``vis_y`` (1 x 1 x H x W float32) and, for
+    networks that read it, ``chroma`` (1 x H x W x 2 uint8), outputs ``fused`` (1 x 1 x H x W float32) and, for
+    networks with a segmentation head, ``labels`` (1 x H x W uint8).
 
     ``dynamic`` leaves height and width free; such a graph is exact for sizes that are multiples of 4 (the
     student's low-pass pooling becomes a fixed 4 x 4 average pool), which the ONNX backends check at run time.
@@ -166,18 +191,22 @@ def export_onnx(model: nn.Module, path: str | Path | io.BytesIO, height: int = 4
         raise ValueError(f"export size must be at least 16x16, not {width}x{height}")
     if dynamic and (height % 4 or width % 4):
         raise ValueError(f"a dynamic export needs a size that is a multiple of 4, not {width}x{height}")
+    names = [*INPUT_NAMES, *[CHROMA_INPUT][:reads_chroma(model)]]
     model = _WithLabels(prepare_module(copy.deepcopy(model)).cpu().float()).eval()
     example = tuple(torch.rand(1, 1, height, width) for _ in INPUT_NAMES)
+    example += tuple(torch.randint(0, 256, (1, height, width, 2), dtype=torch.uint8) for _ in names[2:])
     with torch.no_grad():
         outputs = ["fused", "labels"][:len(model(*example))]
     axes = {name: {2: "height", 3: "width"} for name in (*INPUT_NAMES, "fused")} if dynamic else None
+    if dynamic and len(names) > 2:
+        axes[CHROMA_INPUT] = {1: "height", 2: "width"}
     if dynamic and "labels" in outputs:
         axes["labels"] = {1: "height", 2: "width"}
     _register_pooling_symbolic(opset)
     with warnings.catch_warnings():  # the tracer's notes on Python-side shape arithmetic, and that this exporter
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # is the TorchScript one: the torch.export one
         warnings.simplefilter("ignore", DeprecationWarning)  # needs onnxscript and cannot pool a dynamic size
-        torch.onnx.export(model, example, path, input_names=list(INPUT_NAMES), output_names=outputs,
+        torch.onnx.export(model, example, path, input_names=names, output_names=outputs,
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
 
 
@@ -303,11 +332,16 @@ class OnnxRuntimeBackend:
             raise ValueError(f"{self.onnx_path}: exported for {fw}x{fh} inputs, got {w}x{h}")
         return self._session(None)
 
-    def __call__(self, ir01: np.ndarray, vis_y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def __call__(self, ir01: np.ndarray, vis_y: np.ndarray,
+                 chroma: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         ir01 = np.ascontiguousarray(ir01, dtype=np.float32)
         vis_y = np.ascontiguousarray(vis_y, dtype=np.float32)
         session = self._session_for(*ir01.shape)
-        outputs = session.run(None, {INPUT_NAMES[0]: ir01[None, None], INPUT_NAMES[1]: vis_y[None, None]})
+        feed = {INPUT_NAMES[0]: ir01[None, None], INPUT_NAMES[1]: vis_y[None, None]}
+        if any(i.name == CHROMA_INPUT for i in session.get_inputs()):  # neutral for gray cameras
+            feed[CHROMA_INPUT] = (np.full((1, *ir01.shape, 2), 128, np.uint8) if chroma is None
+                                  else np.ascontiguousarray(chroma, np.uint8)[None])
+        outputs = session.run(None, feed)
         return outputs[0][0, 0], outputs[1][0] if len(outputs) > 1 else None
 
 

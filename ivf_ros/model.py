@@ -17,10 +17,12 @@ Segmentation: with ``seg_width`` 0 (checkpoints before the distilled head) a 1x1
 features. With ``seg_width`` > 0 the head has its own decoder path: ``seg_depth`` 3x3 blocks of ``seg_width``
 channels at 1/4 on the upsampled 1/8 decoder output and the 1/4 encoder features (not the features the fusion
 coefficients read), then a 1x1 classifier; logits at 1/4, upsampled bilinearly. With ``seg_context`` > 0 the
-head first runs two 3x3 blocks of ``seg_context`` channels at 1/8 on the 1/8 decoder input (its own context path)
-and its 1/4 blocks read those, upsampled, with the 1/4 encoder features. With ``seg_rows`` 1 the 1/8 path also
+head first runs ``seg_context_depth`` (default 2) 3x3 blocks of ``seg_context`` channels at 1/8 on the 1/8
+decoder input (its own context path) and its 1/4 blocks read those, upsampled, with the 1/4 encoder features. With ``seg_rows`` 1 the 1/8 path also
 reads the row coordinate (0 at the top of the image, 1 at the bottom): where in the frame a pixel lies (sky above,
-road below), which convolutions alone cannot see. (A refinement at 1/2 with the stem
+road below), which convolutions alone cannot see. With ``seg_chroma`` 1 it also reads the visible chroma (Cr, Cb
+averaged over 8 x 8 pixels, centred on neutral grey and scaled by ``CHROMA_SCALE``; neutral when no chroma is given, e.g.
+gray cameras): the teacher sees colour, the fusion input only luminance. (A refinement at 1/2 with the stem
 features was measured at +20 ms per 640x480 pair on 2 threads, over the time budget.)
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ ARCHITECTURE = "ivf_coeffnet"
 
 # Offsets (m, a_ir, a_vis, c, k_ir, k_vis) that make a freshly initialised network a pixel-wise max fusion.
 _COEFF_OFFSET = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+CHROMA_SCALE = 32.0  # MSRS visible Cr / Cb spread about 0.02 / 0.036 of the range: about unit spread after it
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -135,10 +138,12 @@ class FusionStudent(nn.Module):
     # 255 classes at most: class ids travel as uint8 (255 is the training IGNORE label).
     hyper_parameter_limits = {"num_classes": (int, 1, 255), "width": (int, 1, 256), "seg_width": (int, 0, 256),
                               "seg_depth": (int, 1, 8), "seg_context": (int, 0, 256),
-                              "seg_rows": (int, 0, 1)}
+                              "seg_context_depth": (int, 1, 8),
+                              "seg_rows": (int, 0, 1), "seg_chroma": (int, 0, 1)}
 
     def __init__(self, num_classes: int = 4, width: int = 16, seg_width: int = 0, seg_depth: int = 1,
-                 seg_context: int = 0, seg_rows: int = 0):
+                 seg_context: int = 0, seg_rows: int = 0, seg_chroma: int = 0,
+                 seg_context_depth: int = 2):
         super().__init__()
         w = width
         if seg_width and seg_depth < 1:
@@ -147,7 +152,10 @@ class FusionStudent(nn.Module):
         self.width = width
         if seg_rows and not (seg_width and seg_context):
             raise ValueError("seg_rows needs the 1/8 context path (seg_width and seg_context > 0)")
+        if seg_chroma and not (seg_width and seg_context):
+            raise ValueError("seg_chroma needs the 1/8 context path (seg_width and seg_context > 0)")
         self.seg_width, self.seg_depth, self.seg_context, self.seg_rows = seg_width, seg_depth, seg_context, seg_rows
+        self.seg_chroma, self.seg_context_depth = seg_chroma, seg_context_depth
         self.stem = _block(2, w, stride=2)  # 1/2
         self.enc4 = nn.Sequential(_block(w, 2 * w, stride=2), _block(2 * w, 2 * w))  # 1/4
         self.enc8 = nn.Sequential(_block(2 * w, 4 * w, stride=2), _block(4 * w, 4 * w))  # 1/8
@@ -157,9 +165,12 @@ class FusionStudent(nn.Module):
         self.dec4 = _block(4 * w, 2 * w)
         self.coeff_head = nn.Conv2d(2 * w, len(_COEFF_OFFSET), 3, padding=1)
         if seg_width and seg_context:  # own 1/8 path on dec8's input
-            self.seg8 = nn.Sequential(_block(6 * w, seg_context), _block(seg_context, seg_context))
+            self.seg8 = nn.Sequential(_block(6 * w, seg_context),
+                                      *[_block(seg_context, seg_context) for _ in range(seg_context_depth - 1)])
             if seg_rows:  # the rows' term, added after the first block's BatchNorm (folding leaves it alone)
                 self.seg_rows_conv = nn.Conv2d(1, seg_context, 3, padding=1, bias=False)
+            if seg_chroma:  # likewise the chroma's term
+                self.seg_chroma_conv = nn.Conv2d(2, seg_context, 3, padding=1, bias=False)
         if seg_width:  # own path: up(d8 or seg8) + f4, not dec4's output
             self.seg4 = nn.ModuleList([_block((seg_context or 2 * w) + 2 * w, seg_width)] +
                                       [_block(seg_width, seg_width) for _ in range(seg_depth - 1)])
@@ -184,13 +195,19 @@ class FusionStudent(nn.Module):
             hp.update(seg_width=self.seg_width, seg_depth=self.seg_depth)
             if self.seg_context:
                 hp["seg_context"] = self.seg_context
+                if self.seg_context_depth != 2:
+                    hp["seg_context_depth"] = self.seg_context_depth
             if self.seg_rows:
                 hp["seg_rows"] = self.seg_rows
+            if self.seg_chroma:
+                hp["seg_chroma"] = self.seg_chroma
         return hp
 
-    def encode(self, ir: torch.Tensor, vis_y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Features by name: ``dec8_in`` and ``dec4_in`` (1/8 and 1/4 decoder inputs), ``f4`` (1/4 encoder) and
-        ``feats`` (1/4 decoder output, read by the coefficient head; the distillation target)."""
+    def encode(self, ir: torch.Tensor, vis_y: torch.Tensor,
+               chroma: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Features by name: ``dec8_in`` and ``dec4_in`` (1/8 and 1/4 decoder inputs), ``f4`` (1/4 encoder),
+        ``feats`` (1/4 decoder output, read by the coefficient head; the distillation target) and, with
+        ``seg_chroma``, ``chroma`` (the head's chroma input at 1/8 from N x 2 x H x W Cr, Cb in [0, 1])."""
         f2 = self.stem(torch.cat([ir, vis_y], dim=1))
         f4 = self.enc4(f2)
         f8 = self.enc8(f4)
@@ -199,7 +216,11 @@ class FusionStudent(nn.Module):
         dec8_in = torch.cat([up, f8], dim=1)
         up = F.interpolate(self.dec8(dec8_in), size=f4.shape[-2:], mode="bilinear", align_corners=False)
         dec4_in = torch.cat([up, f4], dim=1)
-        return {"dec8_in": dec8_in, "dec4_in": dec4_in, "f4": f4, "feats": self.dec4(dec4_in)}
+        enc = {"dec8_in": dec8_in, "dec4_in": dec4_in, "f4": f4, "feats": self.dec4(dec4_in)}
+        if self.seg_chroma and chroma is not None:
+            # 8 x 8 averages (clipped at the border): the 1/8 grid, ceil(size / 8), as one exportable op
+            enc["chroma"] = (F.avg_pool2d(chroma, 8, ceil_mode=True) - 0.5) * CHROMA_SCALE
+        return enc
 
     def features(self, ir: torch.Tensor, vis_y: torch.Tensor) -> torch.Tensor:
         """Decoder features at 1/4 resolution (read by the coefficient head; the distillation target)."""
@@ -218,9 +239,10 @@ class FusionStudent(nn.Module):
         fused = torch.addcmul(torch.addcmul(fused, k_ir, ir1), k_vis, vis1)
         return fused.unsqueeze(1).clamp(0.0, 1.0)
 
-    def fuse_and_label(self, ir: torch.Tensor, vis_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fuse_and_label(self, ir: torch.Tensor, vis_y: torch.Tensor,
+                       chroma: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(fused N x 1 x H x W, class ids N x H x W): the inference path, labels by ``upsampled_argmax``."""
-        enc = self.encode(ir, vis_y)
+        enc = self.encode(ir, vis_y, chroma)
         return self.fuse_with(enc["feats"], ir, vis_y), upsampled_argmax(self.head_logits(enc), ir.shape[-2:])
 
     def segment_with(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -229,16 +251,21 @@ class FusionStudent(nn.Module):
 
     def head_logits(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class logits at the head's resolution (1/4) from ``encode``'s features (``enc["rows"]``, optional: the
-        row coordinates at 1/8 of a larger image that the features were cut from; default those of the features)."""
+        row coordinates at 1/8 of a larger image that the features were cut from; default those of the features;
+        ``enc["chroma"]``, optional: neutral without it)."""
         if not self.seg_width:
             return self.seg_head(enc["feats"])
         x = enc["f4"] if self.seg_context else enc["dec4_in"]
         if self.seg_context:
             x8 = enc["dec8_in"]
-            if self.seg_rows:  # a separate 1-channel convolution: a 97-channel input is ~20% slower on the CPU
+            if self.seg_rows or self.seg_chroma:  # separate convolutions: a 97-channel input is ~20% slower here
                 conv, bn, relu = self.seg8[0]
-                rows = enc["rows"] if "rows" in enc else row_coordinates(x8)
-                x8 = self.seg8[1](relu(bn(conv(x8)) + self.seg_rows_conv(rows)))
+                y8 = bn(conv(x8))
+                if self.seg_rows:
+                    y8 = y8 + self.seg_rows_conv(enc["rows"] if "rows" in enc else row_coordinates(x8))
+                if self.seg_chroma and "chroma" in enc:  # neutral chroma (0) adds nothing
+                    y8 = y8 + self.seg_chroma_conv(enc["chroma"])
+                x8 = self.seg8[1:](relu(y8))
             else:
                 x8 = self.seg8(x8)
             up = F.interpolate(x8, size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -247,16 +274,18 @@ class FusionStudent(nn.Module):
             x = block(x)
         return self.seg_head(x)
 
-    def forward_with_head(self, ir: torch.Tensor, vis_y: torch.Tensor):
+    def forward_with_head(self, ir: torch.Tensor, vis_y: torch.Tensor, chroma: torch.Tensor | None = None):
         """(fused, logits upsampled to the input size, logits at the head's resolution, shared 1/4 features)."""
-        enc = self.encode(ir, vis_y)
+        enc = self.encode(ir, vis_y, chroma)
         small = self.head_logits(enc)
         logits = F.interpolate(small, size=ir.shape[-2:], mode="bilinear", align_corners=False)
         return self.fuse_with(enc["feats"], ir, vis_y), logits, small, enc["feats"]
 
-    def forward(self, ir: torch.Tensor, vis_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``ir`` and ``vis_y``: N x 1 x H x W in [0, 1]. Returns (fused N x 1 x H x W, logits N x C x H x W)."""
-        return self.forward_with_head(ir, vis_y)[:2]
+    def forward(self, ir: torch.Tensor, vis_y: torch.Tensor,
+                chroma: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ir`` and ``vis_y``: N x 1 x H x W in [0, 1]; ``chroma`` (optional, read with ``seg_chroma``): the
+        visible Cr, Cb, N x 2 x H x W in [0, 1]. Returns (fused N x 1 x H x W, logits N x C x H x W)."""
+        return self.forward_with_head(ir, vis_y, chroma)[:2]
 
 
 ARCHITECTURES = {ARCHITECTURE: FusionStudent}

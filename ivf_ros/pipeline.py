@@ -70,9 +70,11 @@ class FusionPipeline:
         self.ir_normalizer = ir_normalizer or IRNormalizer()
         self.registration = registration or Registration()
 
-    def infer(self, ir01: np.ndarray, vis_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Network only: registered IR and visible luminance in [0, 1] -> (fused luminance, class ids)."""
-        return self.backend(ir01, vis_y)
+    def infer(self, ir01: np.ndarray, vis_y: np.ndarray,
+              chroma: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Network only: registered IR and visible luminance in [0, 1] (and the visible chroma, read by heads
+        with ``seg_chroma``) -> (fused luminance, class ids)."""
+        return self.backend(ir01, vis_y, chroma)
 
     def prepare(self, ir: np.ndarray, vis: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """What the network sees: (registered IR, visible luminance) float32 in [0, 1], and the visible chroma."""
@@ -83,7 +85,7 @@ class FusionPipeline:
 
     def __call__(self, ir: np.ndarray, vis: np.ndarray) -> FusionResult:
         ir01, vis_y, chroma = self.prepare(ir, vis)
-        fused_y, labels = self.infer(ir01, vis_y)
+        fused_y, labels = self.infer(ir01, vis_y, chroma)
         return FusionResult(merge_luminance(fused_y, chroma), labels, ir01)
 
     def overlay(self, result: FusionResult) -> np.ndarray:

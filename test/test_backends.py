@@ -85,6 +85,37 @@ def test_cpu_backends_match_the_float32_network(checkpoint, name, h, w):
     assert len(np.unique(labels)) > 1  # the random network is not trivially constant
 
 
+@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("h,w", [(64, 96), (37, 53)])
+def test_backends_hand_the_chroma_to_a_head_that_reads_it(name, h, w):
+    torch.manual_seed(0)
+    model = FusionStudent(width=8, seg_width=8, seg_context=8, seg_chroma=1).eval()
+    torch.nn.init.normal_(model.seg_chroma_conv.weight, std=1.0)
+    ir01, vis_y = pair(h, w)
+    chroma = np.random.default_rng(0).integers(96, 160, (h, w, 2), dtype=np.uint8)
+    with torch.inference_mode():
+        colour = torch.from_numpy(chroma).permute(2, 0, 1)[None].float() / 255
+        logits = [model(torch.from_numpy(ir01)[None, None], torch.from_numpy(vis_y)[None, None], c)[1][0].numpy()
+                  for c in (colour, None)]
+    backend = make_backend(name, model)
+    with_colour, gray = backend(ir01, vis_y, chroma)[1], backend(ir01, vis_y)[1]
+    assert label_errors(with_colour, logits[0]) == 0.0 and label_errors(gray, logits[1]) == 0.0
+    assert np.mean(with_colour != gray) > 0.01  # the colour does reach the labels
+
+
+def test_pipeline_gives_the_visible_chroma_to_the_head(tmp_path):
+    torch.manual_seed(0)
+    model = FusionStudent(width=8, seg_width=8, seg_context=8, seg_chroma=1).eval()
+    torch.nn.init.normal_(model.seg_chroma_conv.weight, std=1.0)
+    pipe = FusionPipeline(save_checkpoint(tmp_path / "colour.safetensors", model, METADATA), "cpu")
+    rng = np.random.default_rng(0)
+    ir, vis = rng.integers(0, 256, (48, 64), dtype=np.uint8), rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    ir01, vis_y, chroma = pipe.prepare(ir, vis)
+    labels = pipe(ir, vis).labels
+    assert np.array_equal(labels, pipe.infer(ir01, vis_y, chroma)[1])
+    assert not np.array_equal(labels, pipe.infer(ir01, vis_y)[1])
+
+
 def test_label_check_catches_wrong_labels(checkpoint):
     ir01, vis_y = pair(32, 32)
     _, logits = reference(checkpoint, ir01, vis_y)

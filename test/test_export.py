@@ -1,6 +1,7 @@
 """``ivf export --format onnx``: the graph matches torch within 1e-3 relative on a real checkpoint file."""
 import json
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -9,6 +10,7 @@ import torch
 from ivf_ros import cli
 from ivf_ros.backends import make_backend
 from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
+from ivf_ros.model import FusionStudent
 from ivf_ros.tools.export import check_against_torch, label_errors, relative_error
 
 from test_backends import METADATA, pair, random_student, reference
@@ -91,3 +93,21 @@ def test_tensorrt_engine_is_built_and_cached(checkpoint, tmp_path):
     fused, _ = backend(ir01, vis_y)
     assert relative_error(fused, fused_ref) < 2e-3
     assert any(backend.engine_cache.rglob("*")), "no engine was cached"
+
+
+def test_dynamic_export_of_a_head_that_reads_the_chroma(tmp_path):
+    torch.manual_seed(0)
+    model = FusionStudent(width=8, seg_width=8, seg_context=8, seg_chroma=1).eval()
+    torch.nn.init.normal_(model.seg_chroma_conv.weight, std=1.0)
+    checkpoint = save_checkpoint(tmp_path / "colour.safetensors", model, METADATA)
+    code, path = export(checkpoint, tmp_path, "--dynamic", "--size", "96x64")  # checked against torch, with chroma
+    assert code == 0
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["ir", "vis_y", "chroma"]
+    backend = make_backend("onnxruntime", None, onnx_path=path)
+    ir01, vis_y = pair(60, 84)
+    chroma = np.random.default_rng(0).integers(96, 160, (60, 84, 2), dtype=np.uint8)
+    with torch.inference_mode():
+        colour = torch.from_numpy(chroma).permute(2, 0, 1)[None].float() / 255
+        logits = model(torch.from_numpy(ir01)[None, None], torch.from_numpy(vis_y)[None, None], colour)[1]
+    assert label_errors(backend(ir01, vis_y, chroma)[1], logits[0].numpy()) == 0.0

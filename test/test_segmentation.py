@@ -133,7 +133,8 @@ def test_soft_loss_is_lowest_at_the_target_and_ignores_zero_weight():
 
 
 @pytest.mark.parametrize("hp", [{}, {"seg_width": 16}, {"seg_width": 16, "seg_depth": 2},
-                                {"seg_width": 16, "seg_context": 8, "seg_rows": 1}])
+                                {"seg_width": 16, "seg_context": 8, "seg_rows": 1},
+                                {"seg_width": 16, "seg_context": 8, "seg_context_depth": 3, "seg_chroma": 1}])
 def test_head_shapes_fold_and_hyper_parameters(hp):
     model = FusionStudent(width=8, **hp)
     model.train()
@@ -168,6 +169,21 @@ def test_row_channel_tells_the_head_where_in_the_frame_it_is():
     assert torch.allclose(top_rows[:, 4:6, 4:12], top_rows[:, 10:12, 4:12])
     with pytest.raises(ValueError, match="seg_rows"):
         FusionStudent(width=8, seg_width=8, seg_rows=1)
+
+
+def test_chroma_input_reaches_the_labels_and_neutral_chroma_equals_none():
+    torch.manual_seed(0)
+    model = FusionStudent(width=8, seg_width=8, seg_context=8, seg_chroma=1).eval()
+    ir, vis = torch.rand(1, 1, 48, 64), torch.rand(1, 1, 48, 64)
+    red = torch.stack([torch.full((48, 64), 0.7), torch.full((48, 64), 0.4)])[None]
+    with torch.no_grad():
+        fused, logits = model(ir, vis)
+        fused_red, logits_red = model(ir, vis, red)
+        assert torch.equal(model(ir, vis, torch.full_like(red, 0.5))[1], logits)
+        assert model.encode(ir, vis, red)["chroma"].shape[-2:] == (6, 8)
+    assert torch.equal(fused, fused_red) and not torch.allclose(logits, logits_red)
+    with pytest.raises(ValueError, match="seg_chroma"):
+        FusionStudent(width=8, seg_width=8, seg_chroma=1)
 
 
 def test_frozen_fusion_keeps_the_fused_image_while_the_head_learns():
@@ -229,7 +245,7 @@ def test_short_distillation_lowers_the_segmentation_loss(tmp_path):
     cfg.update(init=None, data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train",
                                  "teacher_cache": str(cache)}],
                val={"root": str(tmp_path / "data"), "layout": "pairs", "split": "val"})
-    cfg["model"].update(seg_width=16, seg_rows=0)
+    cfg["model"].update(seg_width=16, seg_rows=0, seg_chroma=0)
     cfg["train"].update(steps=40, batch=4, crop=64, val_every=40, lr=0.01, threads=1)
     torch.manual_seed(0)
     train(cfg, tmp_path / "run", progress=False)

@@ -75,9 +75,9 @@ class Entry:
         self.parameters = count_parameters(self.model)
 
     @torch.no_grad()
-    def __call__(self, key: str, s: Sample, ir: torch.Tensor, vis_y: torch.Tensor):
-        if self.condition is None:
-            return self.model(ir, vis_y)
+    def __call__(self, key: str, s: Sample, ir: torch.Tensor, vis_y: torch.Tensor, chroma: torch.Tensor):
+        if self.condition is None:  # a student: the chroma reaches heads that read it, as in the pipeline
+            return self.model(ir, vis_y, chroma)
         fused, logits, _ = self.model(ir, vis_y, self.condition(key, s)[None])
         return fused, logits
 
@@ -98,10 +98,10 @@ def evaluate(entries: list[Entry], datasets: dict[str, list[Sample]], progress: 
     results = {}
     for dataset, samples in datasets.items():
         def score(s: Sample) -> Scored:  # called within this iteration: ``dataset`` is this one
-            ir, vis_y, _ = to_tensors(s.ir, s.vis)
+            ir, vis_y, ycc = to_tensors(s.ir, s.vis)
             fused, labels = {}, {}
             for e in entries:
-                out, logits = e(description_key(dataset, s.stem), s, ir[None], vis_y[None])
+                out, logits = e(description_key(dataset, s.stem), s, ir[None], vis_y[None], ycc[None, 1:])
                 fused[e.name] = served(out[0, 0].numpy(), s.vis)
                 if s.boxes is not None:
                     labels[e.name] = logits[0].numpy().argmax(0).astype(np.uint8)

@@ -41,8 +41,8 @@ def head_logits(model, samples) -> list[np.ndarray]:
     added before or after the upsampling gives the same logits)."""
     out = []
     for s in tqdm(samples, desc="logits", leave=False):
-        ir, vis_y, _ = to_tensors(s.ir, s.vis)
-        small = model.forward_with_head(ir[None], vis_y[None])[2]
+        ir, vis_y, ycc = to_tensors(s.ir, s.vis)
+        small = model.forward_with_head(ir[None], vis_y[None], ycc[None, 1:])[2]
         out.append(F.interpolate(small, size=s.ir.shape[:2], mode="bilinear", align_corners=False)[0].numpy())
     return out
 

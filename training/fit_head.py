@@ -34,10 +34,11 @@ from .validate import VALIDATION_METRICS, validate
 HEAD_MODULES = ("seg8", "seg4", "seg_head")  # reset by fresh_head (a row convolution keeps what init gives)
 
 
-def head_inputs(model, ir: torch.Tensor, vis_y: torch.Tensor) -> dict[str, torch.Tensor]:
+def head_inputs(model, ir: torch.Tensor, vis_y: torch.Tensor, chroma: torch.Tensor) -> dict[str, torch.Tensor]:
     """The encoder features the head reads (``head_logits``'s inputs), float16, without the batch axis."""
-    enc = model.encode(ir, vis_y)
+    enc = model.encode(ir, vis_y, chroma)
     keys = ("dec8_in", "f4") if model.seg_context else ("dec4_in",) if model.seg_width else ("feats",)
+    keys += ("chroma",) if "chroma" in enc else ()
     out = {k: enc[k][0].half() for k in keys}
     if getattr(model, "seg_rows", 0):  # the whole image's rows, so that windows keep their place in the frame
         out["rows"] = row_coordinates(enc["dec8_in"])[0].half()
@@ -50,9 +51,9 @@ def cache_features(model, samples, progress: bool = True) -> list[list[dict]]:
     model.eval()
     out = []
     for s in tqdm(samples, desc="features", disable=not progress, leave=False, dynamic_ncols=True):
-        ir, vis_y, _ = to_tensors(s.ir, s.vis)
-        out.append([head_inputs(model, ir[None], vis_y[None]),
-                    head_inputs(model, ir.flip(-1)[None], vis_y.flip(-1)[None])])
+        ir, vis_y, ycc = to_tensors(s.ir, s.vis)
+        out.append([head_inputs(model, ir[None], vis_y[None], ycc[None, 1:]),
+                    head_inputs(model, ir.flip(-1)[None], vis_y.flip(-1)[None], ycc[None, 1:].flip(-1))])
     return out
 
 
@@ -70,7 +71,7 @@ def crop_at(s: Sample, crop: int, rng: np.random.Generator) -> tuple[int, int]:
     return y - y % 8, x - x % 8
 
 
-STRIDES = {"dec8_in": 8, "rows": 8, "f4": 4, "dec4_in": 4, "feats": 4}  # of the cached features
+STRIDES = {"dec8_in": 8, "rows": 8, "chroma": 8, "f4": 4, "dec4_in": 4, "feats": 4}  # of the cached features
 
 
 def batch_of(samples, feats, picks, crop: int = 0, rng: np.random.Generator | None = None):

@@ -173,8 +173,9 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
         if fresh:
             tqdm.write(f"init {cfg['init']}: {len(fresh)} tensors start fresh ({fresh[0]}, ...)")
     frozen = frozen_modules(model, cfg)
-    if getattr(model, "seg_rows", 0) and any(n.startswith("seg") for n, _ in model.named_children() if n not in frozen):
-        raise ValueError("a seg_rows head trains with python -m training.fit_head (crops would lose their rows)")
+    trains_head = any(n.startswith("seg") for n, _ in model.named_children() if n not in frozen)
+    if trains_head and (getattr(model, "seg_rows", 0) or getattr(model, "seg_chroma", 0)):  # this loop feeds neither
+        raise ValueError("a seg_rows or seg_chroma head trains with python -m training.fit_head")
     fusion_fixed = set(FUSION_MODULES) <= set(frozen)  # then the fusion metrics cannot change
     freeze(model, frozen)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc["lr"],

@@ -22,8 +22,8 @@ def validate(model: torch.nn.Module, samples: list[Sample], classes: list[str], 
     model.eval()
 
     def score(s: Sample) -> Scored:
-        ir, vis_y, _ = to_tensors(s.ir, s.vis)
-        fused, logits = model(ir[None], vis_y[None])
+        ir, vis_y, ycc = to_tensors(s.ir, s.vis)
+        fused, logits = model(ir[None], vis_y[None], ycc[None, 1:])
         boxes = s.boxes if s.boxes is not None else label_boxes(s.target, len(classes))
         labels = {"model": logits[0].numpy().argmax(0).astype(np.uint8)} if boxes is not None else {}
         return Scored(s.ir, s.vis, {"model": served(fused[0, 0].numpy(), s.vis)} if fusion else {}, labels, boxes)

@@ -1,6 +1,7 @@
 """Export the network to ONNX, check the graph against torch, optionally build the TensorRT engine.
 
-The graph takes ``ir`` and ``vis_y`` (1 x 1 x H x W float32 in [0, 1]) and returns ``fused`` (1 x 1 x H x W)
+The graph takes ``ir`` and ``vis_y`` (1 x 1 x H x W float32 in [0, 1]; with a head that reads colour also
+``chroma``, 1 x H x W x 2 uint8 Cr, Cb) and returns ``fused`` (1 x 1 x H x W)
 and ``labels`` (1 x H x W uint8 class ids, argmax inside the graph); the checkpoint metadata (class names, palette,
 ...) is stored in the model's ``ivf_ros`` metadata property. ``--dynamic`` leaves H and W free (multiples of 4).
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backends import export_onnx, make_backend
+from ..backends import export_onnx, make_backend, reads_chroma
 from ..checkpoint import load_checkpoint
 from .bench import parse_sizes
 
@@ -50,8 +51,11 @@ def check_against_torch(model: torch.nn.Module, path: Path, width: int, height: 
 
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.rand(1, 1, height, width, generator=generator) for _ in range(2)]
+    if reads_chroma(model):
+        inputs.append(torch.randint(0, 256, (1, height, width, 2), generator=generator, dtype=torch.uint8))
     with torch.inference_mode():
-        fused, logits = model.eval().float().cpu()(*inputs)
+        chroma = [t.permute(0, 3, 1, 2).float() * (1.0 / 255.0) for t in inputs[2:]]
+        fused, logits = model.eval().float().cpu()(*inputs[:2], *chroma)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_fused, onnx_labels = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
     return {"fused": relative_error(onnx_fused, fused.numpy()),
