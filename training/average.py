@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ivf_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ivf_ros.checkpoint import CheckpointError, load_checkpoint
 from ivf_ros.model import count_parameters
 
-from .train import git_commit, load_config, load_split, selection_score
-from .validate import validate
+from .train import git_commit, save_validated
 
 
 def average_checkpoints(paths: list[Path]) -> tuple[torch.nn.Module, dict]:
@@ -63,12 +62,7 @@ def main(argv=None) -> int:
     if len(args.checkpoints) < 2:
         ap.error("give at least two checkpoints")
     model, meta = average_checkpoints(args.checkpoints)
-    cfg = load_config(args.config)
-    metrics = validate(model, load_split(cfg["val"], meta["classes"]), meta["classes"])
-    metrics["score"] = selection_score(metrics)
-    meta["validation"] = {"data": cfg["val"], **{k: round(float(v), 4) for k, v in metrics.items()}}
-    save_checkpoint(args.out, model, meta)
-    print(json.dumps(meta["validation"], indent=2))
+    print(json.dumps(save_validated(model, meta, args.config, args.out), indent=2))
     return 0
 
 

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ivf_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ivf_ros.checkpoint import CheckpointError, load_checkpoint
 
-from .train import load_config, load_split, selection_score
-from .validate import validate
+from .train import save_validated
 
 ENCODER = ("stem", "enc4", "enc8", "enc16", "reduce16")  # what the head reads (f4, dec8_in)
 DECODER = ("dec8", "dec4", "coeff_head")  # the rest of the fusion path
@@ -70,12 +69,7 @@ def main(argv=None) -> int:
         model, meta = graft(args.head, args.fusion)
     except CheckpointError as exc:
         raise SystemExit(f"graft: error: {exc}")
-    cfg = load_config(args.config)
-    metrics = validate(model, load_split(cfg["val"], meta["classes"]), meta["classes"])
-    metrics["score"] = selection_score(metrics)
-    meta["validation"] = {"data": cfg["val"], **{k: round(float(v), 4) for k, v in metrics.items()}}
-    save_checkpoint(args.out, model, meta)
-    print(json.dumps(meta["validation"], indent=2))
+    print(json.dumps(save_validated(model, meta, args.config, args.out), indent=2))
     return 0
 
 

@@ -146,6 +146,17 @@ def selection_score(metrics: dict) -> float:
     return metrics["VIF"] + metrics["Qabf"] + 0.5 * metrics["SSIM"] + 0.25 * metrics["SCD"] + seg
 
 
+def save_validated(model: torch.nn.Module, meta: dict, config: str | Path, out: Path) -> dict:
+    """Validate ``model`` on the ``val`` entry of ``config``, record that as ``meta["validation"]``, save the
+    checkpoint to ``out`` and return the record (for the tools that make a checkpoint from others)."""
+    cfg = load_config(config)
+    metrics = validate(model, load_split(cfg["val"], meta["classes"]), meta["classes"])
+    metrics["score"] = selection_score(metrics)
+    meta["validation"] = {"data": cfg["val"], **{k: round(float(v), 4) for k, v in metrics.items()}}
+    save_checkpoint(out, model, meta)
+    return meta["validation"]
+
+
 def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> dict:
     """Run training; returns the best validation metrics."""
     seed_everything(int(cfg.get("seed", 0)))
