@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .model import chroma_planes
+
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 ONNX_BACKENDS = BACKENDS[2:]  # run exported ONNX (and so can take an onnx_path)
 INPUT_NAMES = ("ir", "vis_y")
@@ -57,8 +59,7 @@ class _WithLabels(nn.Module):
     def forward(self, ir: torch.Tensor, vis_y: torch.Tensor, chroma: torch.Tensor | None = None):
         """``chroma``: N x H x W x 2 uint8 (Cr, Cb), given only to networks that read it."""
         exporting = torch.onnx.is_in_onnx_export()
-        # planar first: pooling and scaling interleaved planes took ~1.6x as long here
-        extra = () if chroma is None else (chroma.permute(0, 3, 1, 2).contiguous().to(ir.dtype) * (1.0 / 255.0),)
+        extra = () if chroma is None else (chroma_planes(chroma, ir.dtype),)
         if hasattr(self.net, "fuse_and_label") and not exporting:
             fused, labels = self.net.fuse_and_label(ir, vis_y, *extra)
             return fused.float(), labels.to(torch.uint8)
@@ -261,7 +262,7 @@ class OnnxRuntimeBackend:
             raise ValueError(f"backend '{self.name}' needs ONNX Runtime's {wanted}, which this install lacks "
                              f"(available: {', '.join(ort.get_available_providers())})")
         self.provider = wanted
-        self._sessions: dict[tuple[int, int] | None, object] = {}
+        self._sessions: dict[tuple[int, int] | None, tuple[object, bool]] = {}  # size -> (session, reads chroma)
         self._file_size = None  # (h, w) of a fixed-size ONNX file
         if self.onnx_path is not None:
             if not self.onnx_path.is_file():
@@ -318,7 +319,8 @@ class OnnxRuntimeBackend:
                 data = io.BytesIO()
                 export_onnx(self.model, data, size[0], size[1])
                 source = data.getvalue()
-            self._sessions[size] = self.ort.InferenceSession(source, self._options(), providers=self._providers(size))
+            session = self.ort.InferenceSession(source, self._options(), providers=self._providers(size))
+            self._sessions[size] = session, any(i.name == CHROMA_INPUT for i in session.get_inputs())
         return self._sessions[size]
 
     def _session_for(self, h: int, w: int):
@@ -336,9 +338,9 @@ class OnnxRuntimeBackend:
                  chroma: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         ir01 = np.ascontiguousarray(ir01, dtype=np.float32)
         vis_y = np.ascontiguousarray(vis_y, dtype=np.float32)
-        session = self._session_for(*ir01.shape)
+        session, reads = self._session_for(*ir01.shape)
         feed = {INPUT_NAMES[0]: ir01[None, None], INPUT_NAMES[1]: vis_y[None, None]}
-        if any(i.name == CHROMA_INPUT for i in session.get_inputs()):  # neutral for gray cameras
+        if reads:  # neutral for gray cameras
             feed[CHROMA_INPUT] = (np.full((1, *ir01.shape, 2), 128, np.uint8) if chroma is None
                                   else np.ascontiguousarray(chroma, np.uint8)[None])
         outputs = session.run(None, feed)

@@ -66,6 +66,10 @@ def difference_correlation_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torc
     return 2.0 - (_correlation(fused - vis, ir) + _correlation(fused - ir, vis)).mean()
 
 
+# Loss terms on the reported metrics: term -> (metric, its best value); the loss is best - metric.
+METRIC_TERMS = {"vif": ("VIF", 2.0), "qabf": ("Qabf", 1.0), "ssim_metric": ("SSIM", 2.0)}
+
+
 def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor, weights: dict) -> dict[str, torch.Tensor]:
     """Weighted fusion loss terms; ``weights`` keys: intensity, gradient, ssim, gradient_vector,
     difference_correlation, vif, qabf, ssim_metric.
@@ -81,12 +85,10 @@ def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor, weight
         terms["gradient_vector"] = dominant_gradient_loss(*grads)
     if weights.get("difference_correlation"):
         terms["difference_correlation"] = difference_correlation_loss(fused, ir, vis)
-    if weights.get("vif"):
-        terms["vif"] = 2.0 - (vif_torch(255 * ir, 255 * fused) + vif_torch(255 * vis, 255 * fused)).mean()
-    if weights.get("qabf"):
-        terms["qabf"] = 1.0 - qabf_torch(255 * ir, 255 * vis, 255 * fused).mean()
-    if weights.get("ssim_metric"):
-        terms["ssim_metric"] = 2.0 - (ssim_torch(255 * ir, 255 * fused) + ssim_torch(255 * vis, 255 * fused)).mean()
+    wanted = {k: metric for k, (metric, _) in METRIC_TERMS.items() if weights.get(k)}
+    if wanted:
+        values = fusion_metrics_torch(ir, vis, fused, tuple(wanted.values()))
+        terms.update({k: METRIC_TERMS[k][1] - values[metric].mean() for k, metric in wanted.items()})
     terms["total"] = sum(weights.get(k, 0.0) * v for k, v in terms.items())
     return terms
 
@@ -188,10 +190,12 @@ def ssim_torch(a: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return ((2 * ma * mf + c1) * (2 * cov + c2) / ((ma * ma + mf * mf + c1) * (va + vf + c2))).flatten(1).mean(1)
 
 
-def fusion_metrics_torch(ir: torch.Tensor, vis: torch.Tensor, fused: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image VIF, Qabf, SSIM and SCD as ``ivf_ros.metrics.fusion_metrics`` reports them, from images in [0, 1]
-    (scaled to gray levels here)."""
+def fusion_metrics_torch(ir: torch.Tensor, vis: torch.Tensor, fused: torch.Tensor,
+                         names=("VIF", "Qabf", "SSIM", "SCD")) -> dict[str, torch.Tensor]:
+    """Per-image ``names`` (of VIF, Qabf, SSIM, SCD) as ``ivf_ros.metrics.fusion_metrics`` reports them, from
+    images in [0, 1] (scaled to gray levels here); what the metric loss terms compute."""
     a, b, f = (x * 255.0 for x in (ir, vis, fused))
-    return {"VIF": vif_torch(a, f) + vif_torch(b, f), "Qabf": qabf_torch(a, b, f),
-            "SSIM": ssim_torch(a, f) + ssim_torch(b, f),
-            "SCD": _correlation(f - b, a) + _correlation(f - a, b)}
+    compute = {"VIF": lambda: vif_torch(a, f) + vif_torch(b, f), "Qabf": lambda: qabf_torch(a, b, f),
+               "SSIM": lambda: ssim_torch(a, f) + ssim_torch(b, f),
+               "SCD": lambda: _correlation(f - b, a) + _correlation(f - a, b)}
+    return {name: compute[name]() for name in names}

@@ -15,6 +15,7 @@ import torch
 
 from ..backends import export_onnx, make_backend, reads_chroma
 from ..checkpoint import load_checkpoint
+from ..model import chroma_planes
 from .bench import parse_sizes
 
 TOLERANCE = 1e-3
@@ -54,7 +55,7 @@ def check_against_torch(model: torch.nn.Module, path: Path, width: int, height: 
     if reads_chroma(model):
         inputs.append(torch.randint(0, 256, (1, height, width, 2), generator=generator, dtype=torch.uint8))
     with torch.inference_mode():
-        chroma = [t.permute(0, 3, 1, 2).float() * (1.0 / 255.0) for t in inputs[2:]]
+        chroma = [chroma_planes(t) for t in inputs[2:]]
         fused, logits = model.eval().float().cpu()(*inputs[:2], *chroma)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_fused, onnx_labels = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
