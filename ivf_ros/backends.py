@@ -2,9 +2,10 @@
 
 A backend is called as ``backend(ir01, vis_y[, chroma])`` with two H x W float32 images in [0, 1] (registered IR,
 visible luminance) and optionally the visible chroma (H x W x 2 uint8 Cr, Cb, as ``split_luminance`` gives; read
-by heads with ``seg_chroma``, neutral when None) and returns ``(fused_y, labels)``: H x W float32 fused luminance and H x W uint8 class ids (``None``
-for networks without a segmentation head, such as the SAGE reference). Any network whose forward takes
-``(ir, vis_y)`` as N x 1 x H x W tensors and returns ``fused`` or ``(fused, logits)`` can be run.
+by heads with ``seg_chroma``, neutral when None) and returns ``(fused_y, labels)``: H x W float32 fused luminance
+and H x W uint8 class ids (``None`` for networks without a segmentation head, such as the SAGE reference). Any
+network whose forward takes ``(ir, vis_y)`` as N x 1 x H x W tensors and returns ``fused`` or ``(fused, logits)``
+can be run.
 
 - ``torch``: BatchNorm folded, channels-last, inference mode; on CUDA optional half precision, pinned host
   buffers, non-blocking copies, device buffers preallocated per input size and optional CUDA graphs.
@@ -16,8 +17,9 @@ for networks without a segmentation head, such as the SAGE reference). Any netwo
 
 On a CPU shared with other processes, start the process with ``OMP_WAIT_POLICY=PASSIVE`` (it must be set before
 torch is imported): with the default spin-waiting, two OpenMP threads on two busy cores made a 32-channel convolution
-20x slower here. ONNX Runtime's pool is set not to spin for the same reason. The ``ivf`` and ``fusion_node`` entry points make glibc's
-malloc keep freed memory for reuse (``keep_freed_memory``, process-wide, so a library user decides it).
+20x slower here. ONNX Runtime's pool is set not to spin for the same reason. The ``ivf`` and ``fusion_node`` entry
+points make glibc's malloc keep freed memory for reuse (``keep_freed_memory``, process-wide, so a library user
+decides it).
 """
 from __future__ import annotations
 

@@ -355,7 +355,8 @@ class BoxScorer:
         self.grow, self.hit_share = grow, hit_share
         self._coverage = [[] for _ in self.classes]
         self.per_image: list[np.ndarray] = []  # per added image: classes x (tp, fp, fn)
-        self.judge_per_image: list[np.ndarray] = []  # per added image: classes x (labelled, inside, hit, boxes, outside)
+        # per added image: classes x (labelled, inside, hit, boxes, outside)
+        self.judge_per_image: list[np.ndarray] = []
         self.judge_counts = np.zeros((len(self.classes), 5), np.int64)  # their sum
 
     def add(self, labels: np.ndarray, boxes) -> None:

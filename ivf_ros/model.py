@@ -18,12 +18,13 @@ features. With ``seg_width`` > 0 the head has its own decoder path: ``seg_depth`
 channels at 1/4 on the upsampled 1/8 decoder output and the 1/4 encoder features (not the features the fusion
 coefficients read), then a 1x1 classifier; logits at 1/4, upsampled bilinearly. With ``seg_context`` > 0 the
 head first runs ``seg_context_depth`` (default 2) 3x3 blocks of ``seg_context`` channels at 1/8 on the 1/8
-decoder input (its own context path) and its 1/4 blocks read those, upsampled, with the 1/4 encoder features. With ``seg_rows`` 1 the 1/8 path also
-reads the row coordinate (0 at the top of the image, 1 at the bottom): where in the frame a pixel lies (sky above,
-road below), which convolutions alone cannot see. With ``seg_chroma`` 1 it also reads the visible chroma (Cr, Cb
-averaged over 8 x 8 pixels, centred on neutral grey and scaled by ``CHROMA_SCALE``; neutral when no chroma is given, e.g.
-gray cameras): the teacher sees colour, the fusion input only luminance. (A refinement at 1/2 with the stem
-features was measured at +20 ms per 640x480 pair on 2 threads, over the time budget.)
+decoder input (its own context path) and its 1/4 blocks read those, upsampled, with the 1/4 encoder features.
+With ``seg_rows`` 1 the 1/8 path also reads the row coordinate (0 at the top of the image, 1 at the bottom):
+where in the frame a pixel lies (sky above, road below), which convolutions alone cannot see. With ``seg_chroma`` 1
+it also reads the visible chroma (Cr, Cb averaged over 8 x 8 pixels, centred on neutral grey and scaled by
+``CHROMA_SCALE``; neutral when no chroma is given, e.g. gray cameras): the teacher sees colour, the fusion input
+only luminance. (A refinement at 1/2 with the stem features was measured at +20 ms per 640x480 pair on 2 threads,
+over the time budget.)
 """
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ unchanged). Validates every ``head_fit.val_every`` epochs on ``val`` (model sele
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from ivf_ros.model import ARCHITECTURE, build_model, row_coordinates
 
 from .datasets import IGNORE, Sample, to_tensors
 from .losses import segmentation_loss, soft_segmentation_loss
-from .train import (FUSION_MODULES, checkpoint_metadata, freeze, init_from, load_config, load_split,
-                    resolve_repo_path, seed_everything, selection_score, set_entry)
+from .train import (FUSION_MODULES, checkpoint_metadata, config_command, freeze, init_from, load_config, load_split,
+                    resolve_repo_path, seed_everything, selection_score)
 from .validate import VALIDATION_METRICS, validate
 
 HEAD_MODULES = ("seg8", "seg4", "seg_head")  # reset by fresh_head (a row convolution keeps what init gives)
@@ -183,16 +182,7 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--out", help="output folder (default: the config's 'out')")
-    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides (head_fit.epochs=5)")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    for item in args.set:
-        set_entry(cfg, item)
-    print(json.dumps(fit_head(cfg, Path(args.out or cfg.get("out", "runs/segmentation"))), indent=2))
-    return 0
+    return config_command(argv, __doc__, load_config, fit_head, "runs/segmentation", resumable=False)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def graft(head_path: Path, fusion_path: Path) -> tuple[torch.nn.Module, dict]:
     state.update(_tensors(donor_state, DECODER))
     model.load_state_dict(state)
     training = dict(meta.get("training", {}))
-    training["fusion"] = {"checkpoint": str(fusion_path), "sha256": hashlib.sha256(fusion_path.read_bytes()).hexdigest(),
+    training["fusion"] = {"checkpoint": str(fusion_path),
+                          "sha256": hashlib.sha256(fusion_path.read_bytes()).hexdigest(),
                           "modules": list(DECODER), "training": donor_meta.get("training"),
                           "validation": donor_meta.get("validation")}
     return model, {**meta, "training": training}

@@ -221,7 +221,8 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
             best = {"step": step, **metrics}
             save_checkpoint(out / "best.safetensors", model, checkpoint_metadata(cfg, model, best))
         if step == tc["steps"]:  # the last step's model too, whatever its score
-            save_checkpoint(out / "final.safetensors", model, checkpoint_metadata(cfg, model, {"step": step, **metrics}))
+            save_checkpoint(out / "final.safetensors", model,
+                            checkpoint_metadata(cfg, model, {"step": step, **metrics}))
         model.train()
         freeze(model, frozen)
 
@@ -318,23 +319,26 @@ def set_entry(cfg: dict, item: str) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
-def config_command(argv, description: str, load, run, default_out: str) -> int:
-    """The command line shared by training and distillation: ``--config`` [``--out``] [``--steps``] [``--resume``].
-    ``load(path)`` reads the config, ``run(cfg, out, resume)`` returns the best validation metrics (printed)."""
+def config_command(argv, description: str, load, run, default_out: str, resumable: bool = True) -> int:
+    """The command line shared by training, distillation and ``fit_head``: ``--config`` [``--out``] [``--set``]
+    and, when ``resumable``, [``--steps``] [``--resume``]. ``load(path)`` reads the config; ``run(cfg, out,
+    resume)`` (``run(cfg, out)`` when not resumable) returns the best validation metrics (printed)."""
     ap = argparse.ArgumentParser(description=description.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", help="output folder (default: the config's 'out')")
-    ap.add_argument("--steps", type=int, help="override train.steps (student steps)")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same config and --steps)")
+    if resumable:
+        ap.add_argument("--steps", type=int, help="override train.steps (student steps)")
+        ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same config and --steps)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="override config entries, dotted keys, YAML values: teacher.warmup=500 distill.output=50")
+                    help="override config entries, dotted keys, YAML values: teacher.warmup=500 head_fit.epochs=5")
     args = ap.parse_args(argv)
     cfg = load(args.config)
     for item in args.set:
         set_entry(cfg, item)
-    if args.steps:
+    out = Path(args.out or cfg.get("out", default_out))
+    if resumable and args.steps:
         cfg["train"]["steps"] = args.steps
-    best = run(cfg, Path(args.out or cfg.get("out", default_out)), args.resume)
+    best = run(cfg, out, args.resume) if resumable else run(cfg, out)
     print(json.dumps(best, indent=2))
     return 0
 
