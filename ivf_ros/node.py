@@ -318,6 +318,9 @@ def main(args: list[str] | None = None) -> int:
             executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except _rclpy.RCLError:  # Ctrl-C's shutdown can land inside spin, between its checks and its wait set
+        if rclpy.ok():
+            raise
     finally:
         node._stop()
         node.destroy_node()
