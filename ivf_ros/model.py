@@ -61,6 +61,14 @@ def row_coordinates(x: torch.Tensor) -> torch.Tensor:
     return (ones.cumsum(2) - 0.5) / ones.sum(2, keepdim=True)
 
 
+def window_row_coordinates(top: float, frame_height: int, shape: tuple[int, int]) -> torch.Tensor:
+    """1 x h x w row map of a window's 1/8 grid (``shape``) whose top row is image row ``top`` of a frame
+    ``frame_height`` rows high: the whole frame's ``row_coordinates`` at 1/8, cut where the window lies (training
+    crops keep their place in the frame)."""
+    rows = (torch.arange(shape[0], dtype=torch.float32) + top / 8 + 0.5) / -(-frame_height // 8)
+    return rows.view(1, -1, 1).expand(1, *shape).contiguous()
+
+
 def grid_average(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Area average of ``x`` on a ``grid`` (the coefficient grid, ceil(size / 4)): the fusion rule's base()."""
     return F.adaptive_avg_pool2d(x, grid)
@@ -281,9 +289,13 @@ class FusionStudent(nn.Module):
             x = block(x)
         return self.seg_head(x)
 
-    def forward_with_head(self, ir: torch.Tensor, vis_y: torch.Tensor, chroma: torch.Tensor | None = None):
-        """(fused, logits upsampled to the input size, logits at the head's resolution, shared 1/4 features)."""
+    def forward_with_head(self, ir: torch.Tensor, vis_y: torch.Tensor, chroma: torch.Tensor | None = None,
+                          rows: torch.Tensor | None = None):
+        """(fused, logits upsampled to the input size, logits at the head's resolution, shared 1/4 features);
+        ``rows``: optional N x 1 x h x w row map at 1/8 (``head_logits``'s ``enc["rows"]``)."""
         enc = self.encode(ir, vis_y, chroma)
+        if rows is not None:
+            enc["rows"] = rows
         small = self.head_logits(enc)
         logits = F.interpolate(small, size=ir.shape[-2:], mode="bilinear", align_corners=False)
         return self.fuse_with(enc["feats"], ir, vis_y), logits, small, enc["feats"]

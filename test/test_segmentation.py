@@ -224,7 +224,8 @@ def _scene(rng, h=96, w=128):
     return ir, vis, boxes, probs
 
 
-def _write_dataset(root, n=8, seed=0):
+def write_teacher_dataset(root, n=8, seed=0):
+    """``n`` crafted pairs (``_scene``) with boxes under ``root`` and their teacher cache (returned)."""
     rng = np.random.default_rng(seed)
     cache = root / "cache"
     for d in ("ir", "vi", "boxes", "cache"):
@@ -240,7 +241,7 @@ def _write_dataset(root, n=8, seed=0):
 
 
 def test_short_distillation_lowers_the_segmentation_loss(tmp_path):
-    cache = _write_dataset(tmp_path / "data")
+    cache = write_teacher_dataset(tmp_path / "data")
     cfg = load_config("training/configs/segmentation.yaml")
     cfg.update(init=None, data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train",
                                  "teacher_cache": str(cache)}],
@@ -261,7 +262,7 @@ def test_short_distillation_lowers_the_segmentation_loss(tmp_path):
 def test_head_fit_on_cached_features_lowers_the_loss_and_keeps_the_fusion(tmp_path):
     from training.fit_head import fit_head
 
-    cache = _write_dataset(tmp_path / "data")
+    cache = write_teacher_dataset(tmp_path / "data")
     torch.manual_seed(0)
     init = FusionStudent(width=8)
     torch.nn.init.normal_(init.coeff_head.weight, std=0.1)

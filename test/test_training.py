@@ -7,9 +7,11 @@ import pytest
 import torch
 import yaml
 
-from ivf_ros.checkpoint import load_checkpoint
+from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.data import data_root
-from training.datasets import IGNORE, CropDataset, box_mask, load_pairs
+from ivf_ros.model import FusionStudent, row_coordinates
+from test_segmentation import write_teacher_dataset
+from training.datasets import IGNORE, CropDataset, Sample, box_mask, load_pairs
 from ivf_ros.metrics import fusion_metrics, to_gray
 from training.losses import (difference_correlation_loss, dominant_gradient_loss, fusion_loss, fusion_metrics_torch,
                              sobel, sobel_magnitude, ssim)
@@ -65,8 +67,6 @@ def test_pixel_label_layouts_map_onto_our_classes(tmp_path):
 
 def test_crop_dataset_shapes_and_determinism():
     rng = np.random.default_rng(1)
-    from training.datasets import Sample
-
     samples = [Sample("s", rng.integers(0, 256, (70, 90), dtype=np.uint8),
                       rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), None)]
     ds = CropDataset(samples, crop=48, length=5, seed=3)
@@ -176,3 +176,43 @@ def test_trainable_modules_train_and_the_rest_stays_bit_identical(tmp_path):
     cfg["train"]["trainable"] = ["dec8", "decoder"]
     with pytest.raises(ValueError, match="no sub-module decoder"):
         train(cfg, tmp_path / "bad", progress=False)
+
+
+def test_crops_carry_their_rows_in_the_whole_frame():
+    rng = np.random.default_rng(2)
+    samples = [Sample("s", rng.integers(0, 256, (76, 90), dtype=np.uint8),
+                      rng.integers(0, 256, (76, 90, 3), dtype=np.uint8), None)]
+    ds = CropDataset(samples, crop=32, length=20, seed=1, rows=True)
+    frame = row_coordinates(torch.zeros(1, 1, 10, 12))[0]  # the whole 76-row frame's 1/8 grid: 10 rows
+    for k in range(20):
+        (window, _), rows = ds.draw(k)[1:], ds[k][-1]
+        top = window[0].start
+        assert rows.shape == (1, 4, 4)
+        if top % 8 == 0:
+            assert torch.allclose(rows, frame[:, top // 8:top // 8 + 4, :4])
+        assert rows[0, 0, 0].item() == pytest.approx((top / 8 + 0.5) / 10)
+
+
+def test_joint_fine_tune_trains_the_encoder_with_rows_and_chroma_and_lowers_the_segmentation_loss(tmp_path):
+    cache = write_teacher_dataset(tmp_path / "data")
+    torch.manual_seed(0)
+    init = FusionStudent(width=8, seg_width=8, seg_context=8, seg_rows=1, seg_chroma=1, seg_context_depth=3)
+    torch.nn.init.normal_(init.coeff_head.weight, std=0.1)
+    save_checkpoint(tmp_path / "init.safetensors", init, {"classes": CLASSES, "palette": [[0, 0, 0]] * 4,
+                                                         "training": {"data": "test"}})
+    cfg = load_config("training/configs/joint.yaml")
+    cfg.update(init=str(tmp_path / "init.safetensors"),
+               data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train",
+                      "teacher_cache": str(cache)}],
+               val={"root": str(tmp_path / "data"), "layout": "pairs", "split": "val"})
+    cfg["model"].update(width=8, seg_width=8, seg_context=8)
+    cfg["train"].update(steps=40, batch=4, crop=64, val_every=40, lr=0.01, threads=1)
+    train(cfg, tmp_path / "run", progress=False)
+    losses = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    seg = [x["segmentation"] + x["soft"] for x in losses]
+    assert np.mean(seg[-5:]) < 0.7 * np.mean(seg[:5])
+    assert all(np.isfinite(x["preserve"]) for x in losses) and losses[0]["preserve"] < 1e-6  # starts at init
+    start, state = init.state_dict(), torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    changed = {k.split(".")[0] for k in start if not torch.equal(start[k], state[k])}
+    assert {"stem", "enc8", "seg8", "seg_chroma_conv", "seg_rows_conv", "dec4"} <= changed  # chroma fed: it trains
+    assert load_checkpoint(tmp_path / "run" / "best.safetensors")[1]["training"]["loss"]["preserve"] > 0

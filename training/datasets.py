@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from ivf_ros.data import find_pairs, list_images, read_ir, read_vis, read_yolo_boxes
 from ivf_ros.imageops import gray_u8, prepare_ir, split_luminance
+from ivf_ros.model import window_row_coordinates
 
 IGNORE = 255
 CLASSES = ["background", "person", "bicycle", "car"]  # the shipped classes (MSRS boxes)
@@ -138,13 +139,16 @@ def to_tensors(ir: np.ndarray, vis: np.ndarray) -> tuple[torch.Tensor, torch.Ten
 
 
 class CropDataset(Dataset):
-    """Random crops with flips; half of the crops of labelled pairs are centred on an object."""
+    """Random crops with flips; half of the crops of labelled pairs are centred on an object. With ``rows`` each
+    item ends with the crop's row map at 1/8 in the whole frame (``window_row_coordinates``, for a ``seg_rows``
+    head)."""
 
-    def __init__(self, samples: list[Sample], crop: int = 160, length: int = 2000, seed: int = 0):
+    def __init__(self, samples: list[Sample], crop: int = 160, length: int = 2000, seed: int = 0,
+                 rows: bool = False):
         self.samples = [s for s in samples if min(s.ir.shape[:2]) >= crop]
         if not self.samples:
             raise ValueError(f"no training pair is at least {crop}x{crop}")
-        self.crop, self.length, self.seed = crop, length, seed
+        self.crop, self.length, self.seed, self.rows = crop, length, seed, rows
 
     def __len__(self) -> int:
         return self.length
@@ -155,11 +159,16 @@ class CropDataset(Dataset):
         i = int(rng.integers(len(self.samples)))
         return (i, *random_window(self.samples[i], self.crop, rng))
 
+    def row_map(self, s: Sample, window: tuple[slice, slice]) -> tuple:
+        """(the window's row map,) with ``rows``, else ()."""
+        grid = -(-self.crop // 8)
+        return (window_row_coordinates(window[0].start, s.ir.shape[0], (grid, grid)),) if self.rows else ()
+
     def __getitem__(self, index: int):
         i, window, flip = self.draw(index)
         ir, vis, target = crop_sample(self.samples[i], window, flip)
         ir_t, vis_y, ycrcb = to_tensors(ir, vis)
-        return ir_t, vis_y, ycrcb, torch.from_numpy(target).long()
+        return (ir_t, vis_y, ycrcb, torch.from_numpy(target).long(), *self.row_map(self.samples[i], window))
 
 
 def random_window(s: Sample, crop: int, rng: np.random.Generator) -> tuple[tuple[slice, slice], bool]:
@@ -210,8 +219,8 @@ class TeacherCropDataset(CropDataset):
     """Crops as ``CropDataset`` plus the teacher's soft targets and weights of the crop (zeros without them)."""
 
     def __init__(self, samples: list[Sample], crop: int = 160, length: int = 2000, seed: int = 0,
-                 num_classes: int = 4, scale: int = 2):
-        super().__init__(samples, crop, length, seed)
+                 num_classes: int = 4, scale: int = 2, rows: bool = False):
+        super().__init__(samples, crop, length, seed, rows)
         if crop % scale:
             raise ValueError(f"crop {crop} is not a multiple of the teacher targets' scale {scale}")
         self.num_classes, self.scale = num_classes, scale
@@ -233,4 +242,4 @@ class TeacherCropDataset(CropDataset):
                 soft, weight = soft[..., ::-1], weight[..., ::-1]
         return (ir_t, vis_y, ycrcb, torch.from_numpy(target).long(),
                 torch.from_numpy(np.ascontiguousarray(soft, np.float32)),
-                torch.from_numpy(np.ascontiguousarray(weight, np.float32)))
+                torch.from_numpy(np.ascontiguousarray(weight, np.float32)), *self.row_map(s, window))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
@@ -120,6 +121,20 @@ def teacher_of(cfg: dict) -> dict | None:
                               "foreground, rect = box minus a border band), the rest of such a box ignored"}
 
 
+def preservation_reference(cfg: dict) -> torch.nn.Module | None:
+    """With ``loss.preserve`` the ``init`` checkpoint, frozen in eval mode: the loss then adds
+    ``preserve`` x the L1 distance of the fused crop to its fused crop (the fusion output kept while the encoder
+    trains for segmentation)."""
+    if not cfg["loss"].get("preserve"):
+        return None
+    if not cfg.get("init"):
+        raise ValueError("loss.preserve keeps the init checkpoint's fused output: the config needs 'init'")
+    reference = load_checkpoint(resolve_repo_path(cfg["init"]))[0].eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
 def resolve_repo_path(path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else Path(__file__).resolve().parent.parent / p
@@ -166,12 +181,14 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
     teacher = teacher_of(cfg)
     scale = int(cache_info(resolve_repo_path(teacher["caches"][0]))["scale"]) if teacher else 1
 
+    rows = bool(cfg["model"].get("seg_rows"))  # crops then carry their rows in the whole frame
+
     def crops(i, entry):
         samples = load_split(entry, classes, cfg.get("label_rule"))
         if teacher:
             return TeacherCropDataset(samples, tc["crop"], tc["steps"] * tc["batch"], i + cfg.get("seed", 0),
-                                      len(classes), scale)
-        return CropDataset(samples, tc["crop"], tc["steps"] * tc["batch"], seed=i + cfg.get("seed", 0))
+                                      len(classes), scale, rows)
+        return CropDataset(samples, tc["crop"], tc["steps"] * tc["batch"], seed=i + cfg.get("seed", 0), rows=rows)
 
     sets = [crops(i, e) for i, e in enumerate(cfg["data"])]
     val_samples = load_split(cfg["val"], classes)
@@ -184,9 +201,7 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
         if fresh:
             tqdm.write(f"init {cfg['init']}: {len(fresh)} tensors start fresh ({fresh[0]}, ...)")
     frozen = frozen_modules(model, cfg)
-    trains_head = any(n.startswith("seg") for n, _ in model.named_children() if n not in frozen)
-    if trains_head and (getattr(model, "seg_rows", 0) or getattr(model, "seg_chroma", 0)):  # this loop feeds neither
-        raise ValueError("a seg_rows or seg_chroma head trains with python -m training.fit_head")
+    reference = preservation_reference(cfg)
     fusion_fixed = set(FUSION_MODULES) <= set(frozen)  # then the fusion metrics cannot change
     freeze(model, frozen)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc["lr"],
@@ -223,22 +238,34 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
         if step == tc["steps"]:  # the last step's model too, whatever its score
             save_checkpoint(out / "final.safetensors", model,
                             checkpoint_metadata(cfg, model, {"step": step, **metrics}))
+        train_mode()
+
+    def train_mode():
         model.train()
         freeze(model, frozen)
+        if tc.get("fixed_batchnorm"):  # statistics stay the init's (the fused output starts exactly as init's)
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
 
     if step == 0:
         validate_and_keep_best()  # the starting point (max fusion, untrained head) is the bar to beat
-    model.train()
-    freeze(model, frozen)
+    train_mode()
     with open(out / "losses.jsonl", "a") as losses:
         while step < tc["steps"]:
             try:
-                ir, vis_y, _, target, *teacher_targets = next(batches)
+                ir, vis_y, ycrcb, target, *teacher_targets = next(batches)
             except StopIteration:
                 batches = iter(loader)
                 continue
-            fused, logits, small, _ = model.forward_with_head(ir, vis_y)
+            row_map = teacher_targets.pop() if rows else None
+            fused, logits, small, _ = model.forward_with_head(ir, vis_y, ycrcb[:, 1:], row_map)
             terms = fusion_loss(fused, ir, vis_y, wl)
+            if reference is not None:
+                with torch.no_grad():
+                    kept = reference.fuse_with(reference.features(ir, vis_y), ir, vis_y)
+                terms["preserve"] = F.l1_loss(fused, kept)
+                terms["total"] = terms["total"] + wl["preserve"] * terms["preserve"]
             seg = segmentation_loss(logits, target, class_weights)
             if teacher_targets:
                 terms["soft"] = soft_segmentation_loss(small, *teacher_targets)
