@@ -141,14 +141,14 @@ def to_tensors(ir: np.ndarray, vis: np.ndarray) -> tuple[torch.Tensor, torch.Ten
 class CropDataset(Dataset):
     """Random crops with flips; half of the crops of labelled pairs are centred on an object. With ``rows`` each
     item ends with the crop's row map at 1/8 in the whole frame (``window_row_coordinates``, for a ``seg_rows``
-    head)."""
+    head); ``balanced``: object-centred crops draw the object's class uniformly first (``centred_corner``)."""
 
     def __init__(self, samples: list[Sample], crop: int = 160, length: int = 2000, seed: int = 0,
-                 rows: bool = False):
+                 rows: bool = False, balanced: bool = False):
         self.samples = [s for s in samples if min(s.ir.shape[:2]) >= crop]
         if not self.samples:
             raise ValueError(f"no training pair is at least {crop}x{crop}")
-        self.crop, self.length, self.seed, self.rows = crop, length, seed, rows
+        self.crop, self.length, self.seed, self.rows, self.balanced = crop, length, seed, rows, balanced
 
     def __len__(self) -> int:
         return self.length
@@ -157,7 +157,7 @@ class CropDataset(Dataset):
         """The crop of item ``index`` (deterministic for the seed): sample position, window, flip."""
         rng = np.random.default_rng((self.seed, index))
         i = int(rng.integers(len(self.samples)))
-        return (i, *random_window(self.samples[i], self.crop, rng))
+        return (i, *random_window(self.samples[i], self.crop, rng, self.balanced))
 
     def row_map(self, s: Sample, window: tuple[slice, slice]) -> tuple:
         """(the window's row map,) with ``rows``, else ()."""
@@ -171,17 +171,31 @@ class CropDataset(Dataset):
         return (ir_t, vis_y, ycrcb, torch.from_numpy(target).long(), *self.row_map(self.samples[i], window))
 
 
-def random_window(s: Sample, crop: int, rng: np.random.Generator) -> tuple[tuple[slice, slice], bool]:
-    """A random crop window (half of the time centred near an object of a labelled pair) and a flip flag.
-    With teacher targets the window starts on a multiple of their scale."""
-    h, w = s.ir.shape[:2]
+def centred_corner(target: np.ndarray | None, shape: tuple[int, int], crop: int, rng: np.random.Generator,
+                   balanced: bool = False) -> tuple[int, int]:
+    """Top-left corner of a random ``crop`` window, half of the time centred near an object pixel of ``target``
+    (any object pixel, or with ``balanced`` a pixel of one of the pair's classes drawn uniformly first, so rare
+    classes are seen as often)."""
+    h, w = shape
     y, x = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
-    if s.target is not None and rng.random() < 0.5:
-        ys, xs = np.nonzero((s.target > 0) & (s.target != IGNORE))
+    if target is not None and rng.random() < 0.5:
+        objects = (target > 0) & (target != IGNORE)
+        present = [c for c in np.unique(target) if 0 < c != IGNORE] if balanced else []
+        if present:
+            objects = target == present[int(rng.integers(len(present)))]
+        ys, xs = np.nonzero(objects)
         if len(ys):
             k = rng.integers(len(ys))
             y = int(np.clip(ys[k] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, h - crop))
             x = int(np.clip(xs[k] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, w - crop))
+    return y, x
+
+
+def random_window(s: Sample, crop: int, rng: np.random.Generator,
+                  balanced: bool = False) -> tuple[tuple[slice, slice], bool]:
+    """A random crop window (``centred_corner``) and a flip flag. With teacher targets the window starts on a
+    multiple of their scale."""
+    y, x = centred_corner(s.target, s.ir.shape[:2], crop, rng, balanced)
     y, x = y - y % s.scale, x - x % s.scale
     return (slice(y, y + crop), slice(x, x + crop)), bool(rng.random() < 0.5)
 
@@ -219,8 +233,8 @@ class TeacherCropDataset(CropDataset):
     """Crops as ``CropDataset`` plus the teacher's soft targets and weights of the crop (zeros without them)."""
 
     def __init__(self, samples: list[Sample], crop: int = 160, length: int = 2000, seed: int = 0,
-                 num_classes: int = 4, scale: int = 2, rows: bool = False):
-        super().__init__(samples, crop, length, seed, rows)
+                 num_classes: int = 4, scale: int = 2, rows: bool = False, balanced: bool = False):
+        super().__init__(samples, crop, length, seed, rows, balanced)
         if crop % scale:
             raise ValueError(f"crop {crop} is not a multiple of the teacher targets' scale {scale}")
         self.num_classes, self.scale = num_classes, scale

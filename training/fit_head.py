@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ivf_ros.checkpoint import save_checkpoint
 from ivf_ros.model import ARCHITECTURE, build_model, row_coordinates
 
-from .datasets import IGNORE, Sample, to_tensors
+from .datasets import Sample, centred_corner, to_tensors
 from .losses import segmentation_loss, soft_segmentation_loss
 from .train import (FUSION_MODULES, checkpoint_metadata, config_command, freeze, init_from, load_config, load_split,
                     resolve_repo_path, seed_everything, selection_score)
@@ -58,15 +58,8 @@ def cache_features(model, samples, progress: bool = True) -> list[list[dict]]:
 
 def crop_at(s: Sample, crop: int, rng: np.random.Generator) -> tuple[int, int]:
     """Top-left corner (multiple of 8) of a ``crop`` window: half of the time centred near a pixel of one of the
-    pair's object classes (drawn uniformly)."""
-    h, w = s.target.shape
-    y, x = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
-    present = [c for c in np.unique(s.target) if 0 < c != IGNORE] if rng.random() < 0.5 else []
-    if present:  # a class of the pair first, then one of its pixels: rare classes are seen as often
-        ys, xs = np.nonzero(s.target == present[int(rng.integers(len(present)))])
-        k = rng.integers(len(ys))
-        y = int(np.clip(ys[k] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, h - crop))
-        x = int(np.clip(xs[k] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, w - crop))
+    pair's object classes (drawn uniformly: ``centred_corner``)."""
+    y, x = centred_corner(s.target, s.target.shape, crop, rng, balanced=True)
     return y - y % 8, x - x % 8
 
 

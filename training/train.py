@@ -8,6 +8,11 @@ validation score, in the shipped format), ``OUT/final.safetensors`` (after the l
 ``OUT/log.jsonl`` (one line per validation) and ``OUT/losses.jsonl`` (one line per step). ``--resume`` cuts both
 logs back to the step it resumes from; a run without it starts new logs (and, at its first validation, a new best
 checkpoint).
+
+A head with ``seg_rows`` / ``seg_chroma`` gets each crop's rows in the whole frame and the crop's visible chroma.
+``loss.preserve`` adds an L1 term to the ``init`` checkpoint's fused crop; ``train.fixed_batchnorm`` keeps every
+BatchNorm's statistics; ``train.balanced_crops`` centres crops on a class drawn uniformly (``joint.yaml``: the
+encoder trains for segmentation while the fused output stays the shipped one's).
 """
 from __future__ import annotations
 
@@ -182,13 +187,15 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
     scale = int(cache_info(resolve_repo_path(teacher["caches"][0]))["scale"]) if teacher else 1
 
     rows = bool(cfg["model"].get("seg_rows"))  # crops then carry their rows in the whole frame
+    balanced = bool(tc.get("balanced_crops"))
 
     def crops(i, entry):
         samples = load_split(entry, classes, cfg.get("label_rule"))
         if teacher:
             return TeacherCropDataset(samples, tc["crop"], tc["steps"] * tc["batch"], i + cfg.get("seed", 0),
-                                      len(classes), scale, rows)
-        return CropDataset(samples, tc["crop"], tc["steps"] * tc["batch"], seed=i + cfg.get("seed", 0), rows=rows)
+                                      len(classes), scale, rows, balanced)
+        return CropDataset(samples, tc["crop"], tc["steps"] * tc["batch"], seed=i + cfg.get("seed", 0), rows=rows,
+                           balanced=balanced)
 
     sets = [crops(i, e) for i, e in enumerate(cfg["data"])]
     val_samples = load_split(cfg["val"], classes)
