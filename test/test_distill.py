@@ -260,3 +260,4 @@ def test_teacher_only_run_writes_its_teacher(tiny_msrs):
     assert distill(cfg, out, progress=False)["history"] == []
     _, meta = load_teacher(out / "teacher.safetensors")
     assert meta["teacher"] == "sage" and meta["prior_source"] == "mfnet"
+    assert meta["loss"] == cfg["teacher"]["loss"] != cfg["loss"]  # the teacher's own base loss
