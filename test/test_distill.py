@@ -8,10 +8,11 @@ from safetensors.torch import load_file
 
 from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import data_root
-from ivf_ros.model import FusionStudent
+from ivf_ros.model import FusionStudent, row_coordinates
 from training import ablation, priors
 from training.datasets import load_pairs
-from training.distill import distill, load_distill_config, semantic_contrast
+from training.distill import (DISTILL_TERMS, ConditionedCrops, distill, frame_rows, load_distill_config,
+                              semantic_contrast, student_outputs)
 from training.mfnet import teacher_dir
 from training.priors import ClassicPriors, PriorCache
 from training.teachers import load_teacher
@@ -40,6 +41,9 @@ def tiny_msrs(tmp_path_factory):
     return root
 
 
+TINY_HEAD = {"seg_width": 8, "seg_context": 8, "seg_rows": 1, "seg_chroma": 1}  # the shipped head's kind, narrow
+
+
 def tiny_config(name: str, root, steps: int, cache: str = "mfnet") -> dict:
     cfg = load_distill_config(f"training/configs/distill_{name}.yaml")
     cfg.pop("init")  # a fresh student of the tiny width, not the trained one
@@ -49,7 +53,7 @@ def tiny_config(name: str, root, steps: int, cache: str = "mfnet") -> dict:
     cfg["text"] = {"descriptions": str(root / f"descriptions_{cache}.json"),
                    "mfnet_priors": str(root / "mfnet") if cache == "mfnet" else None}
     cfg["teacher"].update(warmup=2, hyper_parameters={**cfg["teacher"]["hyper_parameters"], "width": 8})
-    cfg["model"] = {"width": 8}
+    cfg["model"] = {"width": 8, **TINY_HEAD}
     cfg["train"].update(steps=steps, batch=2, crop=64, val_every=1000, threads=1, device="cpu")
     return cfg
 
@@ -205,3 +209,55 @@ def test_semantic_contrast_prefers_matching_features():
     matched = semantic_contrast(teacher + 0.05 * torch.randn_like(teacher), teacher, samples=32)
     unrelated = semantic_contrast(torch.randn_like(teacher), teacher, samples=32)
     assert matched < 0.5 < unrelated
+
+
+def test_frame_rows_are_the_served_rows_of_the_crops_place_in_its_frame():
+    served = row_coordinates(torch.zeros(1, 1, 60, 80))  # the 1/8 grid of a 480-row frame
+    np_rows = frame_rows(480, slice(64, 192))
+    assert np_rows.shape == (1, 16, 1)
+    torch.testing.assert_close(np_rows, served[0, :, 8:24, :1])
+    assert frame_rows(480, slice(0, 128))[0, 0, 0] < frame_rows(480, slice(352, 480))[0, 0, 0]
+
+
+def test_student_outputs_feed_the_head_its_chroma_and_frame_rows():
+    torch.manual_seed(0)
+    student = FusionStudent(width=8, **TINY_HEAD)
+    ir, vis_y, chroma = torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64), torch.rand(2, 2, 64, 64)
+    rows = torch.stack([frame_rows(480, slice(0, 64)), frame_rows(480, slice(416, 480))])
+    fused, logits, feats = student_outputs(student, ir, vis_y, chroma, rows)
+    assert logits.shape == (2, 4, 64, 64) and feats.shape[-2:] == (16, 16)
+    logits.square().mean().backward()
+    assert student.seg_rows_conv.weight.grad.abs().sum() > 0 and student.seg_chroma_conv.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # the same crops at another place in the frame, or grey: other labels
+        top = student_outputs(student, ir, vis_y, chroma, rows[:1].expand(2, -1, -1, -1))[1]
+        grey = student_outputs(student, ir, vis_y, torch.full_like(chroma, 0.5), rows)[1]
+        assert not torch.allclose(top[1], logits[1]) and not torch.allclose(grey, logits)
+
+
+@needs_data
+def test_direct_run_has_no_teacher_and_the_crops_of_a_distilled_run(tiny_msrs, sage_run):
+    cfg = tiny_config("sage", tiny_msrs, 2)
+    cfg["distill"] = {k: 0.0 for k in DISTILL_TERMS}
+    out = tiny_msrs / "direct"
+    result = distill(cfg, out, progress=False)
+    assert len(result["history"]) == 2 and not (out / "teacher.safetensors").exists()
+    _, meta = load_checkpoint(out / "final.safetensors")
+    assert meta["training"]["method"].startswith("direct") and "teacher" not in meta["training"]
+    assert meta["training"]["prior_source"].startswith("none") and meta["hyper_parameters"]["seg_rows"] == 1
+    samples = load_pairs(tiny_msrs / "msrs")
+    keyed = [(f"msrs/{s.stem}", s) for s in samples]
+    with_prior = ConditionedCrops(keyed, lambda key, s, window, flip: torch.ones(1), 64, 4)
+    without = ConditionedCrops(keyed, None, 64, 4)
+    for a, b in zip(with_prior[3], without[3]):  # the same crop, chroma, rows and target; no condition
+        assert torch.equal(a, b) or (a.numel() == 1 and b.numel() == 0)
+
+
+@needs_data
+def test_teacher_only_run_writes_its_teacher(tiny_msrs):
+    cfg = tiny_config("sage", tiny_msrs, 0)
+    cfg["teacher"]["warmup"], cfg["train"]["val_every"] = 3, 2
+    out = tiny_msrs / "teacher_only"
+    assert distill(cfg, out, progress=False)["history"] == []
+    _, meta = load_teacher(out / "teacher.safetensors")
+    assert meta["teacher"] == "sage" and meta["prior_source"] == "mfnet"
+    assert meta["loss"] == cfg["teacher"]["loss"] != cfg["loss"]  # the teacher's own base loss

@@ -4,7 +4,8 @@
         [--set KEY=VALUE ...]   (dotted config keys, e.g. teacher.warmup=500 priors=runs/priors/classic)
 
 Alternating (bi-level) optimisation as in SAGE: the teacher (upper level) first trains alone for
-``teacher.warmup`` steps on the base loss (fusion + segmentation), starting from ``teacher.init`` (a teacher
+``teacher.warmup`` steps on its base loss (``teacher.loss``, default the student's ``loss``: fusion +
+segmentation), starting from ``teacher.init`` (a teacher
 saved by an earlier run) if given; then every round it takes ``teacher.steps_per_round`` steps and the student
 (lower level) one step towards the updated teacher on the teacher's last batch. ``steps_per_round: 0`` freezes the
 teacher after its warm-up (one-level distillation from a fixed teacher: no teacher backward pass or update).
@@ -19,6 +20,12 @@ The student's loss is the base loss plus the weighted ``distill`` terms:
   contrast: each student feature must pick its own teacher feature among the others);
 * ``segment``:  KL divergence between the softened class distributions per pixel (logit distillation, for the
   FusionSAM-style segmentation teacher).
+
+The student's head is fed what it reads in the frame: the visible chroma (``seg_chroma``) and each crop's rows
+in its frame (``seg_rows``). With every ``distill`` weight 0 the run is the *direct* baseline: no teacher is built,
+warmed up or run, the student takes the same steps on the same crops with the base loss alone (its checkpoint names
+no teacher). ``train.steps: 0`` trains only the teacher (its warm-up; ``OUT/teacher.safetensors`` is also written
+every ``train.val_every`` warm-up steps), for later runs' ``teacher.init``.
 
 The teacher is ``teacher.name``: ``sage`` or ``fusionsam`` (both read the prior cache ``priors``; of an ``mfnet``
 cache, ``prior_inputs`` picks what they see besides regions and objects: ``semantic`` class masks and/or
@@ -46,7 +53,7 @@ from tqdm import tqdm
 
 from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.imageops import gray_u8
-from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
+from ivf_ros.model import ARCHITECTURE, build_model, count_parameters, row_coordinates
 
 from .datasets import CropDataset, Sample, crop_sample, to_tensors
 from .losses import fusion_loss, segmentation_loss, sobel_magnitude
@@ -129,7 +136,9 @@ def conditioning_path(cfg: dict) -> str:
 
 
 class ConditionedCrops(CropDataset):
-    """The training crops of ``CropDataset``, each with the teacher's condition for its pair and window."""
+    """The training crops of ``CropDataset``, each with the visible chroma (N x 2 x H x W in [0, 1]), the row
+    coordinates of its frame (``frame_rows``) and the teacher's condition for its pair and window (an empty tensor
+    without a condition)."""
 
     def __init__(self, keyed: list[tuple[str, Sample]], condition, crop: int, length: int, seed: int = 0):
         super().__init__([s for _, s in keyed], crop, length, seed)
@@ -140,8 +149,27 @@ class ConditionedCrops(CropDataset):
         i, window, flip = self.draw(index)
         s = self.samples[i]
         ir, vis, target = crop_sample(s, window, flip)
-        ir_t, vis_y, _ = to_tensors(ir, vis)
-        return ir_t, vis_y, torch.from_numpy(target).long(), self.condition(self.keys[i], s, window, flip)
+        ir_t, vis_y, ycrcb = to_tensors(ir, vis)
+        cond = self.condition(self.keys[i], s, window, flip) if self.condition else torch.zeros(0)
+        return ir_t, vis_y, ycrcb[1:], frame_rows(s.ir.shape[0], window[0]), torch.from_numpy(target).long(), cond
+
+
+def frame_rows(height: int, rows: slice) -> torch.Tensor:
+    """1 x ceil(crop / 8) x 1 row coordinates of the whole frame (``row_coordinates``) averaged over each 8 rows of
+    a crop's ``rows``: where the crop lies in the frame, for a ``seg_rows`` head's 1/8 path (the served value when
+    the crop starts on a multiple of 8 of a frame whose height is one)."""
+    return F.avg_pool2d(row_coordinates(torch.zeros(1, 1, height, 1))[0, :, rows], (8, 1), ceil_mode=True)
+
+
+def student_outputs(student: nn.Module, ir: torch.Tensor, vis_y: torch.Tensor, chroma: torch.Tensor,
+                    rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fused, logits at the input size, 1/4 features) of crops, the head fed what it reads in the frame: the
+    chroma (``seg_chroma``) and the crops' rows in their frames (``seg_rows``, from ``frame_rows``)."""
+    enc = student.encode(ir, vis_y, chroma)
+    if getattr(student, "seg_rows", 0):
+        enc["rows"] = rows.expand(-1, -1, -1, enc["dec8_in"].shape[-1])
+    logits = F.interpolate(student.head_logits(enc), size=ir.shape[-2:], mode="bilinear", align_corners=False)
+    return student.fuse_with(enc["feats"], ir, vis_y), logits, enc["feats"]
 
 
 def _context(x: torch.Tensor, grid: int = 8) -> torch.Tensor:
@@ -183,7 +211,10 @@ def distill_terms(student: tuple, teacher: tuple, projection: nn.Module, weights
     return terms
 
 
-def base_loss(fused, logits, ir, vis_y, target, weights: dict, class_weights) -> torch.Tensor:
+def base_loss(fused, logits, ir, vis_y, target, weights: dict) -> torch.Tensor:
+    """Fusion loss + weighted segmentation loss (``weights``: a config's ``loss`` section)."""
+    class_weights = (torch.tensor(weights["class_weights"], dtype=torch.float32, device=fused.device)
+                     if weights.get("class_weights") else None)
     return fusion_loss(fused, ir, vis_y, weights)["total"] + weights.get("segmentation", 0.0) * segmentation_loss(
         logits, target, class_weights)
 
@@ -207,9 +238,12 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
     classes, tc, wl, tcfg = cfg["classes"], cfg["train"], cfg["loss"], cfg["teacher"]
     device = device_of(cfg)
     keyed = load_keyed(cfg["data"], classes)
-    condition = make_condition(tcfg["name"], conditioning_path(cfg), keyed, condition_options(cfg))
-    cfg["prior_source"] = condition.source
-    warmup, per_round = int(tcfg.get("warmup", 0)), int(tcfg.get("steps_per_round", 1))
+    direct = not any(float(cfg["distill"].get(k, 0.0)) for k in DISTILL_TERMS)  # the base loss alone: no teacher
+    condition = None if direct else make_condition(tcfg["name"], conditioning_path(cfg), keyed,
+                                                   condition_options(cfg))
+    if not direct:
+        cfg["prior_source"] = condition.source
+    warmup, per_round = (0, 0) if direct else (int(tcfg.get("warmup", 0)), int(tcfg.get("steps_per_round", 1)))
     teacher_steps = warmup + tc["steps"] * per_round
     dataset = ConditionedCrops(keyed, condition, tc["crop"], (warmup + tc["steps"] * max(1, per_round)) * tc["batch"],
                                seed=int(cfg.get("seed", 0)))
@@ -220,9 +254,13 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
     student = build_model(ARCHITECTURE, {"num_classes": len(classes), **cfg["model"]}).to(device)
     if cfg.get("init"):  # distil into an already trained student (fine-tuning)
         student.load_state_dict(load_checkpoint(resolve_repo_path(cfg["init"]))[0].state_dict())
-    teacher = build_teacher(tcfg["name"], {"num_classes": len(classes), **tcfg.get("hyper_parameters", {}),
-                                           **condition.hyper_parameters}).to(device)
-    if tcfg.get("init"):  # continue training a teacher saved by an earlier run (OUT/teacher.safetensors)
+    if direct:  # a stand-in that is never run, so that the run's state has the same parts
+        teacher = nn.Linear(1, 1).to(device)
+        teacher.feature_channels = 1
+    else:
+        teacher = build_teacher(tcfg["name"], {"num_classes": len(classes), **tcfg.get("hyper_parameters", {}),
+                                               **condition.hyper_parameters}).to(device)
+    if tcfg.get("init") and not direct:  # continue training a teacher saved by an earlier run
         teacher.load_state_dict(load_teacher_weights(resolve_repo_path(tcfg["init"]), teacher))
     projection = nn.Conv2d(2 * student.width, teacher.feature_channels, 1).to(device)
     opt_t = torch.optim.AdamW(teacher.parameters(), lr=tcfg["lr"], weight_decay=tc.get("weight_decay", 1e-4))
@@ -230,8 +268,9 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
                               weight_decay=tc.get("weight_decay", 1e-4))
     sched_t = torch.optim.lr_scheduler.OneCycleLR(opt_t, max_lr=tcfg["lr"], total_steps=max(1, teacher_steps),
                                                   pct_start=0.1)
-    sched_s = torch.optim.lr_scheduler.OneCycleLR(opt_s, max_lr=tc["lr"], total_steps=tc["steps"], pct_start=0.1)
-    class_weights = torch.tensor(wl["class_weights"], device=device) if wl.get("class_weights") else None
+    sched_s = torch.optim.lr_scheduler.OneCycleLR(opt_s, max_lr=tc["lr"], total_steps=max(1, tc["steps"]),
+                                                  pct_start=0.1)
+    tl = tcfg.get("loss") or wl  # the teacher's base loss (default: the student's)
     modules = {"teacher": teacher, "student": student, "projection": projection, "opt_t": opt_t, "opt_s": opt_s,
                "sched_t": sched_t, "sched_s": sched_s}
     t_step, step, best, history = 0, 0, {"score": -1e9}, []
@@ -256,10 +295,10 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
 
     def teacher_step():
         nonlocal t_step
-        ir, vis_y, target, cond = batch = next_batch()
+        ir, vis_y, _, _, target, cond = batch = next_batch()
         teacher.train()
         fused, logits, feats = teacher(ir, vis_y, cond)
-        loss = base_loss(fused, logits, ir, vis_y, target, wl, class_weights) + getattr(teacher, "aux_loss", 0.0)
+        loss = base_loss(fused, logits, ir, vis_y, target, tl) + getattr(teacher, "aux_loss", 0.0)
         opt_t.zero_grad(set_to_none=True)
         loss.backward()
         opt_t.step()
@@ -269,16 +308,20 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
 
     @torch.no_grad()
     def frozen_teacher_step():
-        ir, vis_y, target, cond = batch = next_batch()
+        ir, vis_y, _, _, target, cond = batch = next_batch()
+        if direct:
+            return batch, None, 0.0
         teacher.eval()
         fused, logits, feats = teacher(ir, vis_y, cond)
-        return batch, (fused, logits, feats), base_loss(fused, logits, ir, vis_y, target, wl, class_weights).item()
+        return batch, (fused, logits, feats), base_loss(fused, logits, ir, vis_y, target, tl).item()
 
     bar = tqdm(total=warmup, initial=t_step, desc="teacher warm-up", disable=not progress or t_step >= warmup,
                dynamic_ncols=True)
     while t_step < warmup:
         teacher_step()
         bar.update(1)
+        if t_step % tc["val_every"] == 0:  # a long warm-up leaves a teacher to look at (and its last state)
+            save_teacher(out / "teacher.safetensors", teacher, teacher_metadata(cfg, teacher, condition))
     bar.close()
     bar = tqdm(total=tc["steps"], initial=step, desc="distill", disable=not progress, dynamic_ncols=True)
 
@@ -290,12 +333,15 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps({**record, **metrics}) + "\n")
         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        teacher_meta = teacher_metadata(cfg, teacher, condition)
-        save_teacher(out / "teacher.safetensors", teacher, teacher_meta)
         latest = {"step": step, **metrics}
         meta = checkpoint_metadata(cfg, student, latest)
-        meta["training"].update(method="distillation (training/distill.py)", teacher=teacher_meta,
-                                distill=cfg["distill"])
+        if direct:
+            meta["training"].update(method="direct: base loss only (training/distill.py, all distill terms 0)")
+        else:
+            teacher_meta = teacher_metadata(cfg, teacher, condition)
+            save_teacher(out / "teacher.safetensors", teacher, teacher_meta)
+            meta["training"].update(method="distillation (training/distill.py)", teacher=teacher_meta,
+                                    distill=cfg["distill"])
         save_checkpoint(out / "final.safetensors", snapshot, meta)
         if metrics["score"] > best["score"]:
             best = latest
@@ -305,11 +351,13 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
         validate_and_keep_best({"step": 0})  # the untrained student (max fusion) is the bar to beat
     while step < tc["steps"]:
         for _ in range(max(1, per_round)):
-            (ir, vis_y, target, _), teacher_out, t_loss = (teacher_step if per_round else frozen_teacher_step)()
+            (ir, vis_y, chroma, rows, target, _), teacher_out, t_loss = (teacher_step if per_round
+                                                                         else frozen_teacher_step)()
         student.train()
-        fused, logits, _, feats = student.forward_with_head(ir, vis_y)
-        base = base_loss(fused, logits, ir, vis_y, target, wl, class_weights)
-        terms = distill_terms((fused, logits, feats), teacher_out, projection, cfg["distill"], contrast_rng)
+        fused, logits, feats = student_outputs(student, ir, vis_y, chroma, rows)
+        base = base_loss(fused, logits, ir, vis_y, target, wl)
+        terms = ({k: torch.zeros(()) for k in (*DISTILL_TERMS, "total")} if direct else
+                 distill_terms((fused, logits, feats), teacher_out, projection, cfg["distill"], contrast_rng))
         loss = base + terms["total"]
         opt_s.zero_grad(set_to_none=True)
         loss.backward()
@@ -347,6 +395,7 @@ def teacher_metadata(cfg: dict, teacher: nn.Module, condition) -> dict:
     return {"name": cfg["teacher"]["name"], "hyper_parameters": teacher.hp, "parameters": count_parameters(teacher),
             "prior_source": condition.source, "prior_description": condition.description,
             "conditioning": conditioning, "condition_options": condition.options,
+            "loss": cfg["teacher"].get("loss") or cfg["loss"],
             "init": cfg["teacher"].get("init"), "warmup": int(cfg["teacher"].get("warmup", 0)),
             "steps_per_round": int(cfg["teacher"].get("steps_per_round", 1))}
 
