@@ -8,11 +8,10 @@ from safetensors.torch import load_file
 
 from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import data_root
-from ivf_ros.model import FusionStudent, row_coordinates
+from ivf_ros.model import FusionStudent, window_row_coordinates
 from training import ablation, priors
 from training.datasets import load_pairs
-from training.distill import (DISTILL_TERMS, ConditionedCrops, distill, frame_rows, load_distill_config,
-                              semantic_contrast, student_outputs)
+from training.distill import DISTILL_TERMS, ConditionedCrops, distill, load_distill_config, semantic_contrast
 from training.mfnet import teacher_dir
 from training.priors import ClassicPriors, PriorCache
 from training.teachers import load_teacher
@@ -211,26 +210,18 @@ def test_semantic_contrast_prefers_matching_features():
     assert matched < 0.5 < unrelated
 
 
-def test_frame_rows_are_the_served_rows_of_the_crops_place_in_its_frame():
-    served = row_coordinates(torch.zeros(1, 1, 60, 80))  # the 1/8 grid of a 480-row frame
-    np_rows = frame_rows(480, slice(64, 192))
-    assert np_rows.shape == (1, 16, 1)
-    torch.testing.assert_close(np_rows, served[0, :, 8:24, :1])
-    assert frame_rows(480, slice(0, 128))[0, 0, 0] < frame_rows(480, slice(352, 480))[0, 0, 0]
-
-
-def test_student_outputs_feed_the_head_its_chroma_and_frame_rows():
+def test_distilled_student_head_is_fed_its_chroma_and_frame_rows():
     torch.manual_seed(0)
     student = FusionStudent(width=8, **TINY_HEAD)
     ir, vis_y, chroma = torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64), torch.rand(2, 2, 64, 64)
-    rows = torch.stack([frame_rows(480, slice(0, 64)), frame_rows(480, slice(416, 480))])
-    fused, logits, feats = student_outputs(student, ir, vis_y, chroma, rows)
+    rows = torch.stack([window_row_coordinates(0, 480, (8, 8)), window_row_coordinates(416, 480, (8, 8))])
+    fused, logits, _, feats = student.forward_with_head(ir, vis_y, chroma, rows)
     assert logits.shape == (2, 4, 64, 64) and feats.shape[-2:] == (16, 16)
     logits.square().mean().backward()
     assert student.seg_rows_conv.weight.grad.abs().sum() > 0 and student.seg_chroma_conv.weight.grad.abs().sum() > 0
     with torch.no_grad():  # the same crops at another place in the frame, or grey: other labels
-        top = student_outputs(student, ir, vis_y, chroma, rows[:1].expand(2, -1, -1, -1))[1]
-        grey = student_outputs(student, ir, vis_y, torch.full_like(chroma, 0.5), rows)[1]
+        top = student.forward_with_head(ir, vis_y, chroma, rows[:1].expand(2, -1, -1, -1))[1]
+        grey = student.forward_with_head(ir, vis_y, torch.full_like(chroma, 0.5), rows)[1]
         assert not torch.allclose(top[1], logits[1]) and not torch.allclose(grey, logits)
 
 

@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.imageops import gray_u8
-from ivf_ros.model import ARCHITECTURE, build_model, count_parameters, row_coordinates
+from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
 
 from .datasets import CropDataset, Sample, crop_sample, to_tensors
 from .losses import fusion_loss, segmentation_loss, sobel_magnitude
@@ -137,11 +137,11 @@ def conditioning_path(cfg: dict) -> str:
 
 class ConditionedCrops(CropDataset):
     """The training crops of ``CropDataset``, each with the visible chroma (N x 2 x H x W in [0, 1]), the row
-    coordinates of its frame (``frame_rows``) and the teacher's condition for its pair and window (an empty tensor
+    map of its place in the frame (``CropDataset.row_map``) and the teacher's condition for its pair and window (an empty tensor
     without a condition)."""
 
     def __init__(self, keyed: list[tuple[str, Sample]], condition, crop: int, length: int, seed: int = 0):
-        super().__init__([s for _, s in keyed], crop, length, seed)
+        super().__init__([s for _, s in keyed], crop, length, seed, rows=True)
         keys = {id(s): k for k, s in keyed}
         self.keys, self.condition = [keys[id(s)] for s in self.samples], condition
 
@@ -151,25 +151,7 @@ class ConditionedCrops(CropDataset):
         ir, vis, target = crop_sample(s, window, flip)
         ir_t, vis_y, ycrcb = to_tensors(ir, vis)
         cond = self.condition(self.keys[i], s, window, flip) if self.condition else torch.zeros(0)
-        return ir_t, vis_y, ycrcb[1:], frame_rows(s.ir.shape[0], window[0]), torch.from_numpy(target).long(), cond
-
-
-def frame_rows(height: int, rows: slice) -> torch.Tensor:
-    """1 x ceil(crop / 8) x 1 row coordinates of the whole frame (``row_coordinates``) averaged over each 8 rows of
-    a crop's ``rows``: where the crop lies in the frame, for a ``seg_rows`` head's 1/8 path (the served value when
-    the crop starts on a multiple of 8 of a frame whose height is one)."""
-    return F.avg_pool2d(row_coordinates(torch.zeros(1, 1, height, 1))[0, :, rows], (8, 1), ceil_mode=True)
-
-
-def student_outputs(student: nn.Module, ir: torch.Tensor, vis_y: torch.Tensor, chroma: torch.Tensor,
-                    rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fused, logits at the input size, 1/4 features) of crops, the head fed what it reads in the frame: the
-    chroma (``seg_chroma``) and the crops' rows in their frames (``seg_rows``, from ``frame_rows``)."""
-    enc = student.encode(ir, vis_y, chroma)
-    if getattr(student, "seg_rows", 0):
-        enc["rows"] = rows.expand(-1, -1, -1, enc["dec8_in"].shape[-1])
-    logits = F.interpolate(student.head_logits(enc), size=ir.shape[-2:], mode="bilinear", align_corners=False)
-    return student.fuse_with(enc["feats"], ir, vis_y), logits, enc["feats"]
+        return ir_t, vis_y, ycrcb[1:], *self.row_map(s, window), torch.from_numpy(target).long(), cond
 
 
 def _context(x: torch.Tensor, grid: int = 8) -> torch.Tensor:
@@ -354,7 +336,7 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
             (ir, vis_y, chroma, rows, target, _), teacher_out, t_loss = (teacher_step if per_round
                                                                          else frozen_teacher_step)()
         student.train()
-        fused, logits, feats = student_outputs(student, ir, vis_y, chroma, rows)
+        fused, logits, _, feats = student.forward_with_head(ir, vis_y, chroma, rows)
         base = base_loss(fused, logits, ir, vis_y, target, wl)
         terms = ({k: torch.zeros(()) for k in (*DISTILL_TERMS, "total")} if direct else
                  distill_terms((fused, logits, feats), teacher_out, projection, cfg["distill"], contrast_rng))
