@@ -30,6 +30,7 @@ from ..calibration import (MODELS, AutoConfig, CalibrationError, calibrate_auto,
                            edge_alignment, grid_error, project, to_gray, write_overlay)
 from ..data import data_root, find_pairs, read_ir, read_vis
 from ..imageops import write_image
+from ..metrics import entropy
 from ..registration import Registration
 
 DATASETS = ("msrs", "roadscene", "unregistered")
@@ -284,12 +285,9 @@ def _refusal(confidence: float) -> str | None:
 
 
 def mutual_information(a: np.ndarray, b: np.ndarray, valid: np.ndarray, bins: int = 32) -> float:
-    """Mutual information (nats) of two gray images in [0, 1] over the ``valid`` pixels."""
+    """Mutual information (bits) of two gray images in [0, 1] over the ``valid`` pixels."""
     h, _, _ = np.histogram2d(a[valid], b[valid], bins=bins, range=((0, 1), (0, 1)))
-    p = h / max(h.sum(), 1.0)
-    outer = p.sum(axis=1, keepdims=True) @ p.sum(axis=0, keepdims=True)
-    nz = p > 0
-    return float((p[nz] * np.log(p[nz] / outer[nz])).sum())
+    return entropy(h.sum(axis=1)) + entropy(h.sum(axis=0)) - entropy(h)
 
 
 def mi_registration(ir: np.ndarray, vis: np.ndarray, H0: np.ndarray, side: int = 320, bins: int = 32,
@@ -321,10 +319,9 @@ def mi_registration(ir: np.ndarray, vis: np.ndarray, H0: np.ndarray, side: int =
             return -1.0
         qi = np.minimum((m.ravel()[ok] * bins).astype(np.int64), bins - 1)
         p = np.bincount(qi * bins + qv[ok], minlength=bins * bins).reshape(bins, bins).astype(np.float64)
-        p = cv2.GaussianBlur(p, (3, 3), 0.5) / p.sum()  # a little Parzen smoothing of the joint histogram
-        ent = lambda q: -float((q[q > 0] * np.log(q[q > 0])).sum())
+        p = cv2.GaussianBlur(p, (3, 3), 0.5)  # a little Parzen smoothing of the joint histogram
         # normalised (entropies over joint entropy - 1): unlike plain MI it does not favour shrinking the overlap
-        return (ent(p.sum(axis=0)) + ent(p.sum(axis=1))) / max(ent(p), 1e-9) - 1.0
+        return (entropy(p.sum(axis=0)) + entropy(p.sum(axis=1))) / max(entropy(p), 1e-9) - 1.0
 
     d, best = np.zeros(8), score(np.zeros(8))
     limit = reach * max(hv, wv)
@@ -388,7 +385,8 @@ def _synthetic_pair(task: dict) -> list[dict]:
         row["seconds"] = time.perf_counter() - t
         # truth: warped IR px -> visible px
         mean, mx = grid_error(reg.matrix, ref @ np.linalg.inv(G), vis_wh, GRID_STEP)
-        row.update(answer=True, mean_px=mean, max_px=mx, confidence=info["confidence"],
+        row.update(answer=True, matrix=reg.matrix.ravel().tolist(), mean_px=mean, max_px=mx,
+                   confidence=info["confidence"],
                    refused=_refusal(info["confidence"]),
                    **{k: info[k] for k in SYNTHETIC_INFO if k in info})
         if not np.allclose(ref, np.eye(3)):
@@ -405,7 +403,7 @@ def _synthetic_pair(task: dict) -> list[dict]:
 
 
 SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "ambiguity", "dense_correlation",
-                  "jackknife_px", "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
+                  "region_px", "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
                   "verify_matches")
 
 
@@ -582,7 +580,7 @@ def write_synthetic(rows: list[dict], args: argparse.Namespace, out: Path) -> in
     (out / "synthetic.json").write_text(json.dumps({"seed": args.seed, "per_pair": args.per_pair,
                                                     "warp_ranges": WARP_RANGES, "grid_step_px": GRID_STEP,
                                                     "summary": summary, "cases": rows}, indent=1))
-    keys = list(dict.fromkeys(k for r in rows for k in r if k != "warp"))
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("warp", "matrix")))
     with (out / "synthetic.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
