@@ -673,26 +673,43 @@ def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 4
     return stats
 
 
-def region_disagreement(frames, H: np.ndarray, sides=(320,)) -> float:
+def region_disagreement(frames, H: np.ndarray, side: int = 320, min_share: float = 0.2) -> float:
     """How far the halves of the visible frame (left, right, top, bottom) disagree with the mapping ``H`` fitted to
-    the whole frame: each half's evidence alone refines ``H`` again (affine, at the ``sides`` px levels); the largest mean distance
-    (visible px) between that fit and ``H`` over a grid of the half itself. Parallax (near and far structure) or a
-    non-rigid misalignment leave a homography ill-defined, and the whole frame's fit is a compromise the halves
-    disagree with; a half without structure of its own does not move."""
+    the whole frame: each half's evidence alone refines ``H`` again (affine, at ``side`` px), and the distance
+    between that fit and ``H`` is averaged over the half, weighted by where the evidence is (the local covariance of
+    the visible and the registered IR structure, blurred over a twelfth of the frame), so the fit's extrapolation
+    into blank or noisy parts does not count; the largest over the halves holding at least ``min_share`` of the evidence, in
+    visible px. Parallax (near and far structure) or a non-rigid misalignment leave a homography ill-defined: the
+    whole frame's fit is then a compromise the halves disagree with."""
     frames = frames if isinstance(frames, _Frames) else _Frames(frames)
-    hv, wv = frames.vis_shape
-    step = max(wv, hv) / 24
-    gx, gy = np.meshgrid(np.arange(step / 2, wv, step), np.arange(step / 2, hv, step))
-    gx, gy = gx.ravel(), gy.ravel()
+    levels = frames.level(side, math.sqrt(abs(np.linalg.det(H[:2, :2]))), 1.5)
+    hw, ww = levels[0][0].shape[:2]
+    weight = np.zeros((hw, ww), np.float32)
+    for fv, vm, fi, im, Sv, Si in levels:
+        Hp = Sv @ H @ np.linalg.inv(Si)
+        si = cv2.warpPerspective(np.ascontiguousarray(fi[..., 0]), Hp, (ww, hw), flags=cv2.INTER_LINEAR)
+        valid = cv2.warpPerspective(im, Hp, (ww, hw), flags=cv2.INTER_NEAREST).astype(bool) & vm
+        f, m = np.where(valid, fv[..., 0], 0.0), np.where(valid, si, 0.0)
+        blur = lambda x: cv2.GaussianBlur(x.astype(np.float32), (0, 0), 4.0)
+        weight += np.maximum(blur(f * m) - blur(f) * blur(m), 0.0) * valid  # local covariance: shared structure
+    weight = cv2.GaussianBlur(weight, (0, 0), max(hw, ww) / 12)
+    ys, xs = np.mgrid[0:hw:4, 0:ww:4]
+    weight = weight[::4, ::4].ravel()
+    Sv = levels[0][4]
+    full = project(np.linalg.inv(Sv), np.c_[xs.ravel(), ys.ravel()].astype(np.float64))  # visible full px
+    ir_pts = project(np.linalg.inv(H), full)
     worst = 0.0
     for part in HALVES:
+        inside = _in_half(part, xs.ravel(), ys.ravel(), ww, hw)
+        w = weight * inside
+        if w.sum() < min_share * weight.sum():
+            continue  # too little of the evidence to judge by
         try:
-            Hp = dense_refine(frames, H, "affine", sides=sides, part=part).matrix
+            Hp = dense_refine(frames, H, "affine", sides=(side,), part=part).matrix
         except CalibrationError:
             continue
-        v = np.c_[gx, gy][_in_half(part, gx, gy, wv, hv)]
-        ir_pts = project(np.linalg.inv(H), v)
-        worst = max(worst, float(np.linalg.norm(project(Hp, ir_pts) - v, axis=1).mean()))
+        move = np.linalg.norm(project(Hp, ir_pts) - full, axis=1)
+        worst = max(worst, float((move * w).sum() / w.sum()))
     return worst
 
 
