@@ -19,7 +19,8 @@ on structure maps (locally contrast-normalised gradient magnitude, which ignores
    pooled into one system.
 
 The result carries its own confidence (:func:`confidence_score`: patch support, stability of the refinement from a
-nudged start, verified coverage of the frame, uniqueness of the match at the refined mapping). When it is too low,
+nudged start, verified coverage of the frame, uniqueness of the match at the refined mapping, agreement of the
+frame's halves with it). When it is too low,
 or the images share too little structure, :class:`CalibrationError` says so instead of returning a guess.
 """
 from __future__ import annotations
@@ -678,9 +679,9 @@ def region_disagreement(frames, H: np.ndarray, side: int = 320, min_share: float
     the whole frame: each half's evidence alone refines ``H`` again (affine, at ``side`` px), and the distance
     between that fit and ``H`` is averaged over the half, weighted by where the evidence is (the local covariance of
     the visible and the registered IR structure, blurred over a twelfth of the frame), so the fit's extrapolation
-    into blank or noisy parts does not count; the largest over the halves holding at least ``min_share`` of the evidence, in
-    visible px. Parallax (near and far structure) or a non-rigid misalignment leave a homography ill-defined: the
-    whole frame's fit is then a compromise the halves disagree with."""
+    into blank or noisy parts does not count; the largest over the halves holding at least ``min_share`` of the
+    evidence, in visible px. Parallax (near and far structure) or a non-rigid misalignment leave a homography
+    ill-defined: the whole frame's fit is then a compromise the halves disagree with."""
     frames = frames if isinstance(frames, _Frames) else _Frames(frames)
     levels = frames.level(side, math.sqrt(abs(np.linalg.det(H[:2, :2]))), 1.5)
     hw, ww = levels[0][0].shape[:2]
@@ -730,20 +731,25 @@ class AutoConfig:
     verify_step: int = 14  # grid step of those patches
 
 
+REGION_PX = (3.0, 5.0)  # region_px (IR px) at which the consistency factor starts to fall, and reaches 0
+
+
 def confidence_score(info: dict) -> float:
     """0..1 from the evidence of :func:`calibrate_auto` (see the README for what it means, measured): the patch
     support of the start (consistent-match count and share, coarse distinctiveness), the stability of the dense
-    refinement (``spread_px``: how far a nudged start lands, in IR px where ``scale`` > 1), the share of the frame
-    where an independent patch check agrees with the mapping, and its uniqueness (``ambiguity``: repeated structure
-    matches as well one period away). Thresholds calibrated on known-answer runs with seed 1."""
+    refinement (``spread_px``: how far a nudged start lands), the share of the frame where an independent patch
+    check agrees with the mapping, its uniqueness (``ambiguity``: repeated structure matches as well one period
+    away) and the consistency of the frame (``region_px``: how far a half of the frame refitted alone disagrees
+    with it). Distances in IR px where ``scale`` > 1. Thresholds calibrated on known-answer runs with seed 1."""
     support = (min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
                * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5) ** 0.5
     # in IR pixels when the visible camera has the finer ones: no mapping is steadier than the IR pixel grid
-    spread = info["spread_px"] / max(1.0, info.get("scale", 1.0))
-    stability = float(np.clip((4.5 - spread) / 3.0, 0.0, 1.0))
+    ir_px = 1.0 / max(1.0, info.get("scale", 1.0))
+    stability = float(np.clip((4.5 - info["spread_px"] * ir_px) / 3.0, 0.0, 1.0))
     coverage = float(np.clip((info["coverage"] - 0.05) / 0.2, 0.0, 1.0))
     unique = float(np.clip((0.95 - info["ambiguity"]) / 0.1, 0.0, 1.0))
-    return float(support * stability * coverage * unique)
+    consistent = float(np.clip((REGION_PX[1] - info["region_px"] * ir_px) / (REGION_PX[1] - REGION_PX[0]), 0.0, 1.0))
+    return float(support * stability * coverage * unique * consistent)
 
 
 def _verify_start(pairs, H: np.ndarray, cfg: AutoConfig, log, tag: str = "") -> tuple[np.ndarray, dict, float]:

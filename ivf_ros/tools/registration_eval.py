@@ -293,11 +293,11 @@ def mutual_information(a: np.ndarray, b: np.ndarray, valid: np.ndarray, bins: in
 def mi_registration(ir: np.ndarray, vis: np.ndarray, H0: np.ndarray, side: int = 320, bins: int = 32,
                     steps=(4.0, 2.0, 1.0, 0.5), reach: float = 0.04) -> tuple[np.ndarray, float] | None:
     """A reference for an aligned pair found independently of :func:`calibrate_auto`: the homography (IR px ->
-    visible px) maximising the normalised mutual information of the raw intensities (not the structure maps the registration
-    uses) over the overlap at ``side`` px, by a pattern search over the visible positions of the frame's four
-    corners (``steps`` in full visible px) from ``H0``. Returns (matrix, normalised mutual information), or None
-    when the search runs into ``reach`` x the frame's long side from the start (no local optimum near it: dark night
-    frames, where the score favours degenerate overlaps)."""
+    visible px) maximising the normalised mutual information of the raw intensities (not the structure maps the
+    registration uses) over the overlap at ``side`` px, by a pattern search over the visible positions of the
+    frame's four corners (``steps`` in full visible px) from ``H0``. Returns (matrix, normalised mutual
+    information), or None when the search runs into ``reach`` x the frame's long side from the start (no local
+    optimum near it: dark night frames, where the score favours degenerate overlaps)."""
     gi, gv = to_gray(ir), to_gray(vis)
     hv, wv = gv.shape
     a = min(1.0, side / max(hv, wv))
@@ -437,8 +437,10 @@ def synthetic_tasks(folders, per_pair: int, seed: int, references, model: str, l
             tasks.append({"dataset": name, "pair": p.stem, "ir": str(p.ir), "vis": str(p.vis), "warps": warps,
                           "overlays": shots, "reference": ref.ravel().tolist(), "model": model,
                           "self_reference": self_reference})
-    # run the folders interleaved (the warps are drawn above, so the order changes no result): a run that is cut
-    # short has covered every folder evenly
+    # run each folder's pairs in an order fixed by their names but unrelated to them, and the folders interleaved
+    # (the warps are drawn above, so the order changes no result): a run that is cut short has covered every folder
+    # evenly, with a sample of its pairs rather than its first ones
+    per_folder = [sorted(t, key=lambda t: zlib.crc32(f"{t['dataset']}/{t['pair']}/order".encode())) for t in per_folder]
     return [t[i] for i in range(max(map(len, per_folder), default=0)) for t in per_folder if i < len(t)]
 
 
