@@ -19,8 +19,7 @@ on structure maps (locally contrast-normalised gradient magnitude, which ignores
    pooled into one system.
 
 The result carries its own confidence (:func:`confidence_score`: patch support, stability of the refinement from a
-nudged start, verified coverage of the frame, uniqueness of the match at the refined mapping, agreement of the
-frame's halves with it). When it is too low,
+nudged start, verified coverage of the frame, uniqueness of the match at the refined mapping). When it is too low,
 or the images share too little structure, :class:`CalibrationError` says so instead of returning a guess.
 """
 from __future__ import annotations
@@ -578,27 +577,16 @@ class DenseResult:
     iterations: int
 
 
-HALVES = ("left", "right", "top", "bottom")
-
-
-def _in_half(part: str | None, x: np.ndarray, y: np.ndarray, w: float, h: float) -> np.ndarray:
-    """Which of the points (visible px of a ``w`` x ``h`` frame) lie in ``part`` (one of HALVES; None: all)."""
-    if part is None:
-        return np.ones(np.shape(x), bool)
-    return {"left": x < w / 2, "right": x >= w / 2, "top": y < h / 2, "bottom": y >= h / 2}[part]
-
-
 def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 400, 640), iters: int = 10,
-                 max_pixels: int = 80000, prior: float = 0.2, part: str | None = None) -> DenseResult:
+                 max_pixels: int = 80000, prior: float = 0.2) -> DenseResult:
     """Refine the IR -> visible matrix on the whole frame: Gauss-Newton maximising the correlation of the structure
     channels of the warped IR and the visible frames over their valid overlap (black padding masked), coarse to
     fine; several pairs of one rig are pooled into one system. ``frames``: a :class:`_Frames` or a list of (ir, vis)
     pairs. ``model`` affine keeps the last row fixed. Levels larger than ``max_pixels`` use every second pixel in
-    each direction. ``part`` (one of HALVES) uses only the evidence in that half of the visible frame."""
+    each direction."""
     frames = frames if isinstance(frames, _Frames) else _Frames(frames)
     npar = 8 if model == "homography" else 6
     H = np.asarray(H, np.float64) / H[2, 2]
-    stats = None
     total = 0
     for li, side in enumerate(sides):
         levels = frames.level(side, math.sqrt(abs(np.linalg.det(H[:2, :2]))), 1.5 if li == 0 else 1.0)
@@ -608,7 +596,6 @@ def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 4
         half = 0.5 * max(hw, ww)
         N = np.array([[1 / half, 0, -(ww - 1) / (2 * half)], [0, 1 / half, -(hw - 1) / (2 * half)], [0, 0, 1.0]])
         ys, xs = np.mgrid[0:hw:stride, 0:ww:stride]
-        inside = _in_half(part, xs, ys, ww, hw)
         xn_all = ((xs - (ww - 1) / 2) / half).astype(np.float32)
         yn_all = ((ys - (hw - 1) / 2) / half).astype(np.float32)
         Hw = [Sv @ H @ np.linalg.inv(Si) for *_, Si in levels]  # per pair: IR level px -> vis level px
@@ -621,7 +608,6 @@ def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 4
                 valid = cv2.warpPerspective(im, Hp, (ww, hw), flags=cv2.INTER_NEAREST).astype(bool) & vm
                 valid = cv2.erode(valid.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)[::stride, ::stride]
                 cover.append(float(valid.mean()))
-                valid &= inside
                 if valid.sum() < 200:
                     continue
                 gx = cv2.Sobel(M, cv2.CV_32F, 1, 0, ksize=3)[::stride, ::stride] / 8.0
@@ -670,48 +656,7 @@ def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 4
                 break
         H = np.linalg.inv(Sv) @ Hw[0] @ levels[0][5]
         H /= H[2, 2]
-        stats = DenseResult(H, float(np.mean(corrs)) if corrs else 0.0, float(np.mean(cover)), total)
-    return stats
-
-
-def region_disagreement(frames, H: np.ndarray, side: int = 320, min_share: float = 0.2) -> float:
-    """How far the halves of the visible frame (left, right, top, bottom) disagree with the mapping ``H`` fitted to
-    the whole frame: each half's evidence alone refines ``H`` again (affine, at ``side`` px), and the distance
-    between that fit and ``H`` is averaged over the half, weighted by where the evidence is (the local covariance of
-    the visible and the registered IR structure, blurred over a twelfth of the frame), so the fit's extrapolation
-    into blank or noisy parts does not count; the largest over the halves holding at least ``min_share`` of the
-    evidence, in visible px. Parallax (near and far structure) or a non-rigid misalignment leave a homography
-    ill-defined: the whole frame's fit is then a compromise the halves disagree with."""
-    frames = frames if isinstance(frames, _Frames) else _Frames(frames)
-    levels = frames.level(side, math.sqrt(abs(np.linalg.det(H[:2, :2]))), 1.5)
-    hw, ww = levels[0][0].shape[:2]
-    weight = np.zeros((hw, ww), np.float32)
-    for fv, vm, fi, im, Sv, Si in levels:
-        Hp = Sv @ H @ np.linalg.inv(Si)
-        si = cv2.warpPerspective(np.ascontiguousarray(fi[..., 0]), Hp, (ww, hw), flags=cv2.INTER_LINEAR)
-        valid = cv2.warpPerspective(im, Hp, (ww, hw), flags=cv2.INTER_NEAREST).astype(bool) & vm
-        f, m = np.where(valid, fv[..., 0], 0.0), np.where(valid, si, 0.0)
-        blur = lambda x: cv2.GaussianBlur(x.astype(np.float32), (0, 0), 4.0)
-        weight += np.maximum(blur(f * m) - blur(f) * blur(m), 0.0) * valid  # local covariance: shared structure
-    weight = cv2.GaussianBlur(weight, (0, 0), max(hw, ww) / 12)
-    ys, xs = np.mgrid[0:hw:4, 0:ww:4]
-    weight = weight[::4, ::4].ravel()
-    Sv = levels[0][4]
-    full = project(np.linalg.inv(Sv), np.c_[xs.ravel(), ys.ravel()].astype(np.float64))  # visible full px
-    ir_pts = project(np.linalg.inv(H), full)
-    worst = 0.0
-    for part in HALVES:
-        inside = _in_half(part, xs.ravel(), ys.ravel(), ww, hw)
-        w = weight * inside
-        if w.sum() < min_share * weight.sum():
-            continue  # too little of the evidence to judge by
-        try:
-            Hp = dense_refine(frames, H, "affine", sides=(side,), part=part).matrix
-        except CalibrationError:
-            continue
-        move = np.linalg.norm(project(Hp, ir_pts) - full, axis=1)
-        worst = max(worst, float((move * w).sum() / w.sum()))
-    return worst
+    return DenseResult(H, float(np.mean(corrs)) if corrs else 0.0, float(np.mean(cover)), total)
 
 
 # ----------------------------------------------------------------------------------------------- auto calibration
@@ -731,25 +676,20 @@ class AutoConfig:
     verify_step: int = 14  # grid step of those patches
 
 
-REGION_PX = (3.0, 5.0)  # region_px (IR px) at which the consistency factor starts to fall, and reaches 0
-
-
 def confidence_score(info: dict) -> float:
     """0..1 from the evidence of :func:`calibrate_auto` (see the README for what it means, measured): the patch
     support of the start (consistent-match count and share, coarse distinctiveness), the stability of the dense
-    refinement (``spread_px``: how far a nudged start lands), the share of the frame where an independent patch
-    check agrees with the mapping, its uniqueness (``ambiguity``: repeated structure matches as well one period
-    away) and the consistency of the frame (``region_px``: how far a half of the frame refitted alone disagrees
-    with it). Distances in IR px where ``scale`` > 1. Thresholds calibrated on known-answer runs with seed 1."""
+    refinement (``spread_px``: how far a nudged start lands, in IR px where ``scale`` > 1), the share of the frame
+    where an independent patch check agrees with the mapping, and its uniqueness (``ambiguity``: repeated structure
+    matches as well one period away). Thresholds calibrated on known-answer runs with seed 1."""
     support = (min(1.0, info["inliers"] / 40.0) ** 0.5 * min(1.0, info["inlier_ratio"] / 0.6)
                * min(1.0, info["coarse_distinct"] / 8.0) ** 0.5) ** 0.5
     # in IR pixels when the visible camera has the finer ones: no mapping is steadier than the IR pixel grid
-    ir_px = 1.0 / max(1.0, info.get("scale", 1.0))
-    stability = float(np.clip((4.5 - info["spread_px"] * ir_px) / 3.0, 0.0, 1.0))
+    spread = info["spread_px"] / max(1.0, info.get("scale", 1.0))
+    stability = float(np.clip((4.5 - spread) / 3.0, 0.0, 1.0))
     coverage = float(np.clip((info["coverage"] - 0.05) / 0.2, 0.0, 1.0))
     unique = float(np.clip((0.95 - info["ambiguity"]) / 0.1, 0.0, 1.0))
-    consistent = float(np.clip((REGION_PX[1] - info["region_px"] * ir_px) / (REGION_PX[1] - REGION_PX[0]), 0.0, 1.0))
-    return float(support * stability * coverage * unique * consistent)
+    return float(support * stability * coverage * unique)
 
 
 def _verify_start(pairs, H: np.ndarray, cfg: AutoConfig, log, tag: str = "") -> tuple[np.ndarray, dict, float]:
@@ -869,7 +809,6 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
     other = dense_refine(frames, nudge @ H0, cfg.model, sides=sides[1:])
     check = verify_mapping(pairs, H, cfg.fine_side)
     info.update(model=cfg.model, ambiguity=ambiguity(frames, H), dense_correlation=dense.correlation,
-                region_px=region_disagreement(frames, H),
                 overlap=dense.overlap, dense_iterations=dense.iterations, moved_px=spread(H0, H),
                 scale=float(math.sqrt(abs(np.linalg.det(H[:2, :2])))),
                 spread_px=spread(other.matrix, H), **check)

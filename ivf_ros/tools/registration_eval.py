@@ -403,7 +403,7 @@ def _synthetic_pair(task: dict) -> list[dict]:
 
 
 SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "ambiguity", "dense_correlation",
-                  "region_px", "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
+                  "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
                   "verify_matches")
 
 
