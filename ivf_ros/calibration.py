@@ -573,24 +573,20 @@ def _delta_matrix(d: np.ndarray) -> np.ndarray:
 class DenseResult:
     matrix: np.ndarray
     correlation: float  # mean over pairs of the structure-map NCC over the overlap at the finest level
-    uncertainty_px: float  # jackknife std of the mapping over the visible frame, worst grid point (full px; NaN: skipped)
     overlap: float  # share of the visible frame covered by valid IR content (mean over pairs)
     iterations: int
 
 
 def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 400, 640), iters: int = 10,
-                 max_pixels: int = 80000, prior: float = 0.2, cells: int = 4) -> DenseResult:
+                 max_pixels: int = 80000, prior: float = 0.2) -> DenseResult:
     """Refine the IR -> visible matrix on the whole frame: Gauss-Newton maximising the correlation of the structure
     channels of the warped IR and the visible frames over their valid overlap (black padding masked), coarse to
     fine; several pairs of one rig are pooled into one system. ``frames``: a :class:`_Frames` or a list of (ir, vis)
     pairs. ``model`` affine keeps the last row fixed. Levels larger than ``max_pixels`` use every second pixel in
-    each direction. The uncertainty is a jackknife over ``cells`` x ``cells`` regions of the visible frame at the
-    finest level: how far the mapping moves, anywhere over the frame, when one region's evidence is left out (a
-    mapping that only one textured region pins down extrapolates unreliably elsewhere); ``cells`` 0 skips it (NaN)."""
+    each direction."""
     frames = frames if isinstance(frames, _Frames) else _Frames(frames)
     npar = 8 if model == "homography" else 6
     H = np.asarray(H, np.float64) / H[2, 2]
-    stats = None
     total = 0
     for li, side in enumerate(sides):
         levels = frames.level(side, math.sqrt(abs(np.linalg.det(H[:2, :2]))), 1.5 if li == 0 else 1.0)
@@ -603,14 +599,9 @@ def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 4
         xn_all = ((xs - (ww - 1) / 2) / half).astype(np.float32)
         yn_all = ((ys - (hw - 1) / 2) / half).astype(np.float32)
         Hw = [Sv @ H @ np.linalg.inv(Si) for *_, Si in levels]  # per pair: IR level px -> vis level px
-        last = li == len(sides) - 1
-        jackknife = last and cells > 0
-        cell = ((ys * cells // hw) * cells + xs * cells // ww).astype(np.int64)  # region of each sampled pixel
         for _ in range(iters):
             A = np.zeros((npar, npar))
             b = np.zeros(npar)
-            Ak = np.zeros((cells * cells, npar, npar))  # the same sums per region (finest level only)
-            bk = np.zeros((cells * cells, npar))
             cnt, corrs, cover = 0, [], []
             for (fv, vm, fi, im, _, _), Hp in zip(levels, Hw):
                 M = cv2.warpPerspective(fi, Hp, (ww, hw), flags=cv2.INTER_LINEAR)
@@ -625,7 +616,6 @@ def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 4
                 gx, gy = gx[valid], gy[valid]
                 bx, by = _warp_basis(xn_all[valid], yn_all[valid])
                 bx, by = bx[:, :npar], by[:, :npar]
-                region = cell[valid]
                 for c in range(M.shape[2]):
                     m, f = Ms[:, c] - Ms[:, c].mean(), Fs[:, c] - Fs[:, c].mean()
                     sm, sf = m.std() + 1e-6, f.std() + 1e-6
@@ -639,11 +629,6 @@ def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 4
                     A += (J.T @ J).astype(np.float64)
                     b += (J.T @ e).astype(np.float64)
                     cnt += e.size
-                    if jackknife:
-                        for r_ in np.unique(region):
-                            sel = region == r_
-                            Ak[r_] += J[sel].T @ J[sel]
-                            bk[r_] += J[sel].T @ e[sel]
             if cnt == 0:
                 raise CalibrationError("the estimated mapping leaves no overlap between the IR and visible frames")
             if npar == 8 and prior > 0:
@@ -671,31 +656,7 @@ def dense_refine(frames, H: np.ndarray, model: str = "homography", sides=(200, 4
                 break
         H = np.linalg.inv(Sv) @ Hw[0] @ levels[0][5]
         H /= H[2, 2]
-        if last:
-            # jackknife over the regions of the last iteration's system: the step with one region left out, as a
-            # displacement of a 12x12 grid over the whole visible frame
-            gy_, gx_ = np.mgrid[0:hw:max(1, hw // 12), 0:ww:max(1, ww // 12)]
-            px, py = _warp_basis((gx_.ravel() - (ww - 1) / 2) / half, (gy_.ravel() - (hw - 1) / 2) / half)
-            px, py = px[:, :npar], py[:, :npar]
-            used = [r_ for r_ in range(cells * cells) if bk[r_].any()]
-            moves = []
-            for r_ in used:
-                try:
-                    dk = np.linalg.solve(A - Ak[r_] + damp, b - bk[r_])
-                except np.linalg.LinAlgError:
-                    dk = np.full(npar, np.inf)
-                moves.append(np.stack([px @ dk, py @ dk], axis=1) * half)
-            if not jackknife:
-                jack = float("nan")
-            elif len(moves) > 1:
-                moves = np.array(moves)
-                dev = np.sum((moves - moves.mean(axis=0)) ** 2, axis=(0, 2)) * (len(moves) - 1) / len(moves)
-                jack = float(np.sqrt(dev.max()) / Sv[0, 0])
-            else:
-                jack = float("inf")
-            stats = DenseResult(H, float(np.mean(corrs)) if corrs else 0.0, 1e6 if jack == float("inf") else jack,
-                                float(np.mean(cover)), total)
-    return stats
+    return DenseResult(H, float(np.mean(corrs)) if corrs else 0.0, float(np.mean(cover)), total)
 
 
 # ----------------------------------------------------------------------------------------------- auto calibration
@@ -845,10 +806,9 @@ def calibrate_auto(pairs, config: AutoConfig | None = None, verbose=None) -> tup
     # must land on the same mapping; where the evidence is weak or ambiguous it does not
     c = np.array([[1.0, 0, wv / 2], [0, 1.0, hv / 2], [0, 0, 1.0]])
     nudge = c @ np.array([[1.01, 0, 3.0], [0, 1.01, -3.0], [0, 0, 1.0]]) @ np.linalg.inv(c)
-    other = dense_refine(frames, nudge @ H0, cfg.model, sides=sides[1:], cells=0)
+    other = dense_refine(frames, nudge @ H0, cfg.model, sides=sides[1:])
     check = verify_mapping(pairs, H, cfg.fine_side)
     info.update(model=cfg.model, ambiguity=ambiguity(frames, H), dense_correlation=dense.correlation,
-                jackknife_px=dense.uncertainty_px,
                 overlap=dense.overlap, dense_iterations=dense.iterations, moved_px=spread(H0, H),
                 scale=float(math.sqrt(abs(np.linalg.det(H[:2, :2])))),
                 spread_px=spread(other.matrix, H), **check)

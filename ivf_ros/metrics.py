@@ -47,7 +47,8 @@ def _levels(img: np.ndarray) -> np.ndarray:
     return np.clip(np.round(img), 0, 255).astype(np.intp)
 
 
-def _entropy(counts: np.ndarray) -> float:
+def entropy(counts: np.ndarray) -> float:
+    """Shannon entropy (bits) of a histogram of any shape and scale."""
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log2(p)).sum())
 
@@ -55,7 +56,7 @@ def _entropy(counts: np.ndarray) -> float:
 def _mutual_information(a: np.ndarray, b: np.ndarray) -> float:
     """MI in bits from the 256x256 joint histogram of integer levels."""
     joint = np.bincount((_levels(a) * 256 + _levels(b)).ravel(), minlength=256 * 256).reshape(256, 256)
-    return _entropy(joint.sum(1)) + _entropy(joint.sum(0)) - _entropy(joint)
+    return entropy(joint.sum(1)) + entropy(joint.sum(0)) - entropy(joint)
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -266,7 +267,7 @@ def fusion_metrics(ir, vis, fused, names=FUSION_METRICS) -> dict[str, float]:
     ssim_pyramid = functools.cache(lambda img_id: _ssim_pyramid((a, b, f)[img_id], ssim_scales))
     ssim_terms = functools.cache(lambda src: _ssim_terms(ssim_pyramid(src), ssim_pyramid(2)))
     compute = {
-        "EN": lambda: _entropy(np.bincount(_levels(f).ravel(), minlength=256)),
+        "EN": lambda: entropy(np.bincount(_levels(f).ravel(), minlength=256)),
         "SD": lambda: float(f.std()),
         "SF": lambda: _spatial_frequency(f),
         "AG": lambda: _average_gradient(f),

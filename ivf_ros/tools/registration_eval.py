@@ -30,6 +30,7 @@ from ..calibration import (MODELS, AutoConfig, CalibrationError, calibrate_auto,
                            edge_alignment, grid_error, project, to_gray, write_overlay)
 from ..data import data_root, find_pairs, read_ir, read_vis
 from ..imageops import write_image
+from ..metrics import entropy
 from ..registration import Registration
 
 DATASETS = ("msrs", "roadscene", "unregistered")
@@ -284,22 +285,19 @@ def _refusal(confidence: float) -> str | None:
 
 
 def mutual_information(a: np.ndarray, b: np.ndarray, valid: np.ndarray, bins: int = 32) -> float:
-    """Mutual information (nats) of two gray images in [0, 1] over the ``valid`` pixels."""
+    """Mutual information (bits) of two gray images in [0, 1] over the ``valid`` pixels."""
     h, _, _ = np.histogram2d(a[valid], b[valid], bins=bins, range=((0, 1), (0, 1)))
-    p = h / max(h.sum(), 1.0)
-    outer = p.sum(axis=1, keepdims=True) @ p.sum(axis=0, keepdims=True)
-    nz = p > 0
-    return float((p[nz] * np.log(p[nz] / outer[nz])).sum())
+    return entropy(h.sum(axis=1)) + entropy(h.sum(axis=0)) - entropy(h)
 
 
 def mi_registration(ir: np.ndarray, vis: np.ndarray, H0: np.ndarray, side: int = 320, bins: int = 32,
                     steps=(4.0, 2.0, 1.0, 0.5), reach: float = 0.04) -> tuple[np.ndarray, float] | None:
     """A reference for an aligned pair found independently of :func:`calibrate_auto`: the homography (IR px ->
-    visible px) maximising the normalised mutual information of the raw intensities (not the structure maps the registration
-    uses) over the overlap at ``side`` px, by a pattern search over the visible positions of the frame's four
-    corners (``steps`` in full visible px) from ``H0``. Returns (matrix, normalised mutual information), or None
-    when the search runs into ``reach`` x the frame's long side from the start (no local optimum near it: dark night
-    frames, where the score favours degenerate overlaps)."""
+    visible px) maximising the normalised mutual information of the raw intensities (not the structure maps the
+    registration uses) over the overlap at ``side`` px, by a pattern search over the visible positions of the
+    frame's four corners (``steps`` in full visible px) from ``H0``. Returns (matrix, normalised mutual
+    information), or None when the search runs into ``reach`` x the frame's long side from the start (no local
+    optimum near it: dark night frames, where the score favours degenerate overlaps)."""
     gi, gv = to_gray(ir), to_gray(vis)
     hv, wv = gv.shape
     a = min(1.0, side / max(hv, wv))
@@ -321,10 +319,9 @@ def mi_registration(ir: np.ndarray, vis: np.ndarray, H0: np.ndarray, side: int =
             return -1.0
         qi = np.minimum((m.ravel()[ok] * bins).astype(np.int64), bins - 1)
         p = np.bincount(qi * bins + qv[ok], minlength=bins * bins).reshape(bins, bins).astype(np.float64)
-        p = cv2.GaussianBlur(p, (3, 3), 0.5) / p.sum()  # a little Parzen smoothing of the joint histogram
-        ent = lambda q: -float((q[q > 0] * np.log(q[q > 0])).sum())
+        p = cv2.GaussianBlur(p, (3, 3), 0.5)  # a little Parzen smoothing of the joint histogram
         # normalised (entropies over joint entropy - 1): unlike plain MI it does not favour shrinking the overlap
-        return (ent(p.sum(axis=0)) + ent(p.sum(axis=1))) / max(ent(p), 1e-9) - 1.0
+        return (entropy(p.sum(axis=0)) + entropy(p.sum(axis=1))) / max(entropy(p), 1e-9) - 1.0
 
     d, best = np.zeros(8), score(np.zeros(8))
     limit = reach * max(hv, wv)
@@ -388,7 +385,8 @@ def _synthetic_pair(task: dict) -> list[dict]:
         row["seconds"] = time.perf_counter() - t
         # truth: warped IR px -> visible px
         mean, mx = grid_error(reg.matrix, ref @ np.linalg.inv(G), vis_wh, GRID_STEP)
-        row.update(answer=True, mean_px=mean, max_px=mx, confidence=info["confidence"],
+        row.update(answer=True, matrix=reg.matrix.ravel().tolist(), mean_px=mean, max_px=mx,
+                   confidence=info["confidence"],
                    refused=_refusal(info["confidence"]),
                    **{k: info[k] for k in SYNTHETIC_INFO if k in info})
         if not np.allclose(ref, np.eye(3)):
@@ -405,7 +403,7 @@ def _synthetic_pair(task: dict) -> list[dict]:
 
 
 SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "ambiguity", "dense_correlation",
-                  "jackknife_px", "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
+                  "spread_px", "scale", "overlap", "moved_px", "agree", "coverage",
                   "verify_matches")
 
 
@@ -439,8 +437,10 @@ def synthetic_tasks(folders, per_pair: int, seed: int, references, model: str, l
             tasks.append({"dataset": name, "pair": p.stem, "ir": str(p.ir), "vis": str(p.vis), "warps": warps,
                           "overlays": shots, "reference": ref.ravel().tolist(), "model": model,
                           "self_reference": self_reference})
-    # run the folders interleaved (the warps are drawn above, so the order changes no result): a run that is cut
-    # short has covered every folder evenly
+    # run each folder's pairs in an order fixed by their names but unrelated to them, and the folders interleaved
+    # (the warps are drawn above, so the order changes no result): a run that is cut short has covered every folder
+    # evenly, with a sample of its pairs rather than its first ones
+    per_folder = [sorted(t, key=lambda t: zlib.crc32(f"{t['dataset']}/{t['pair']}/order".encode())) for t in per_folder]
     return [t[i] for i in range(max(map(len, per_folder), default=0)) for t in per_folder if i < len(t)]
 
 
@@ -582,7 +582,7 @@ def write_synthetic(rows: list[dict], args: argparse.Namespace, out: Path) -> in
     (out / "synthetic.json").write_text(json.dumps({"seed": args.seed, "per_pair": args.per_pair,
                                                     "warp_ranges": WARP_RANGES, "grid_step_px": GRID_STEP,
                                                     "summary": summary, "cases": rows}, indent=1))
-    keys = list(dict.fromkeys(k for r in rows for k in r if k != "warp"))
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("warp", "matrix")))
     with (out / "synthetic.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
