@@ -224,6 +224,23 @@ def _scene(rng, h=96, w=128):
     return ir, vis, boxes, probs
 
 
+def teacher_run(tmp_path, config: str, **hyper):
+    """(init student, config): ``config`` read and pointed at a written teacher dataset (``write_teacher_dataset``)
+    and at a saved random student with ``hyper`` (its fusion coefficients perturbed, so fusion is not max)."""
+    cache = write_teacher_dataset(tmp_path / "data")
+    torch.manual_seed(0)
+    init = FusionStudent(**hyper)
+    torch.nn.init.normal_(init.coeff_head.weight, std=0.1)
+    save_checkpoint(tmp_path / "init.safetensors", init, {"classes": CLASSES, "palette": [[0, 0, 0]] * 4,
+                                                         "training": {"data": "test"}})
+    cfg = load_config(config)
+    cfg.update(init=str(tmp_path / "init.safetensors"),
+               data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train",
+                      "teacher_cache": str(cache)}],
+               val={"root": str(tmp_path / "data"), "layout": "pairs", "split": "val"})
+    return init, cfg
+
+
 def write_teacher_dataset(root, n=8, seed=0):
     """``n`` crafted pairs (``_scene``) with boxes under ``root`` and their teacher cache (returned)."""
     rng = np.random.default_rng(seed)
@@ -262,18 +279,8 @@ def test_short_distillation_lowers_the_segmentation_loss(tmp_path):
 def test_head_fit_on_cached_features_lowers_the_loss_and_keeps_the_fusion(tmp_path):
     from training.fit_head import fit_head
 
-    cache = write_teacher_dataset(tmp_path / "data")
-    torch.manual_seed(0)
-    init = FusionStudent(width=8)
-    torch.nn.init.normal_(init.coeff_head.weight, std=0.1)
-    save_checkpoint(tmp_path / "init.safetensors", init, {"classes": CLASSES, "palette": [[0, 0, 0]] * 4,
-                                                         "training": {"data": "test"}})
-    cfg = load_config("training/configs/segmentation.yaml")
-    cfg.update(init=str(tmp_path / "init.safetensors"),
-               data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train",
-                      "teacher_cache": str(cache)}],
-               val={"root": str(tmp_path / "data"), "layout": "pairs", "split": "val"},
-               head_fit={"epochs": 30, "batch": 2, "crop": 64, "lr": 0.01, "val_every": 30})
+    init, cfg = teacher_run(tmp_path, "training/configs/segmentation.yaml", width=8)
+    cfg["head_fit"] = {"epochs": 30, "batch": 2, "crop": 64, "lr": 0.01, "val_every": 30}
     cfg["model"].update(width=8, seg_width=8, seg_context=8)
     best = fit_head(cfg, tmp_path / "run", progress=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
+from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import data_root
-from ivf_ros.model import FusionStudent, row_coordinates
-from test_segmentation import write_teacher_dataset
+from ivf_ros.model import row_coordinates
+from test_segmentation import teacher_run
 from training.datasets import IGNORE, CropDataset, Sample, box_mask, load_pairs
 from ivf_ros.metrics import fusion_metrics, to_gray
 from training.losses import (difference_correlation_loss, dominant_gradient_loss, fusion_loss, fusion_metrics_torch,
@@ -194,17 +194,8 @@ def test_crops_carry_their_rows_in_the_whole_frame():
 
 
 def test_joint_fine_tune_trains_the_encoder_with_rows_and_chroma_and_lowers_the_segmentation_loss(tmp_path):
-    cache = write_teacher_dataset(tmp_path / "data")
-    torch.manual_seed(0)
-    init = FusionStudent(width=8, seg_width=8, seg_context=8, seg_rows=1, seg_chroma=1, seg_context_depth=3)
-    torch.nn.init.normal_(init.coeff_head.weight, std=0.1)
-    save_checkpoint(tmp_path / "init.safetensors", init, {"classes": CLASSES, "palette": [[0, 0, 0]] * 4,
-                                                         "training": {"data": "test"}})
-    cfg = load_config("training/configs/joint.yaml")
-    cfg.update(init=str(tmp_path / "init.safetensors"),
-               data=[{"root": str(tmp_path / "data"), "layout": "pairs", "split": "train",
-                      "teacher_cache": str(cache)}],
-               val={"root": str(tmp_path / "data"), "layout": "pairs", "split": "val"})
+    init, cfg = teacher_run(tmp_path, "training/configs/joint.yaml", width=8, seg_width=8, seg_context=8,
+                            seg_rows=1, seg_chroma=1, seg_context_depth=3)
     cfg["model"].update(width=8, seg_width=8, seg_context=8)
     cfg["train"].update(steps=40, batch=4, crop=64, val_every=40, lr=0.01, threads=1)
     train(cfg, tmp_path / "run", progress=False)
