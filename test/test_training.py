@@ -87,12 +87,18 @@ def test_losses_are_zero_or_one_where_they_should_be():
     assert terms["intensity"].item() == pytest.approx(0.0)
 
 
+def small_msrs_config(config: str, train_pairs: int, val_pairs: int, steps: int, batch: int) -> dict:
+    """``config`` on the first MSRS training and validation pairs, with short 64-px training on one thread."""
+    cfg = load_config(config)
+    cfg["data"] = [{"root": "msrs", "layout": "pairs", "split": "train", "limit": train_pairs}]
+    cfg["val"] = {"root": "msrs", "layout": "pairs", "split": "val", "limit": val_pairs}
+    cfg["train"].update(steps=steps, batch=batch, crop=64, val_every=steps, lr=0.01, threads=1)
+    return cfg
+
+
 @needs_data
 def test_short_real_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
-    cfg = load_config("training/configs/student.yaml")
-    cfg["data"] = [{"root": "msrs", "layout": "pairs", "split": "train", "limit": 6}]
-    cfg["val"] = {"root": "msrs", "layout": "pairs", "split": "val", "limit": 2}
-    cfg["train"].update(steps=30, batch=4, crop=64, val_every=30, lr=0.01, threads=1)
+    cfg = small_msrs_config("training/configs/student.yaml", 6, 2, steps=30, batch=4)
     torch.manual_seed(0)
     train(cfg, tmp_path, progress=False)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -163,10 +169,7 @@ def test_torch_metrics_match_the_reported_ones_on_a_real_pair(rule):
 
 @needs_data
 def test_trainable_modules_train_and_the_rest_stays_bit_identical(tmp_path):
-    cfg = load_config("training/configs/student_metrics.yaml")
-    cfg["data"] = [{"root": "msrs", "layout": "pairs", "split": "train", "limit": 2}]
-    cfg["val"] = {"root": "msrs", "layout": "pairs", "split": "val", "limit": 1}
-    cfg["train"].update(steps=3, batch=2, crop=64, val_every=3, lr=0.01, threads=1)
+    cfg = small_msrs_config("training/configs/student_metrics.yaml", 2, 1, steps=3, batch=2)
     cfg["seed"] = 0
     start = load_checkpoint(cfg["init"])[0].state_dict()
     train(cfg, tmp_path, progress=False)
