@@ -4,7 +4,8 @@ import torch
 
 from ivf_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ivf_ros.model import FusionStudent
-from training.graft import ENCODER, graft
+from training.graft import graft
+from training.train import ENCODER_MODULES
 
 META = {"classes": ["background", "person"], "palette": [[0, 0, 0], [255, 0, 0]], "training": {"data": "test"}}
 
@@ -25,7 +26,8 @@ def _save(path, model, **meta):
 def test_graft_fuses_as_the_donor_and_labels_as_the_head(tmp_path):
     head = _random(0, seg_width=8, seg_context=8)
     donor = _random(1, seg_width=8, seg_context=8)
-    donor.load_state_dict({k: v for k, v in head.state_dict().items() if k.split(".")[0] in ENCODER}, strict=False)
+    donor.load_state_dict({k: v for k, v in head.state_dict().items() if k.split(".")[0] in ENCODER_MODULES},
+                          strict=False)
     model, meta = graft(_save(tmp_path / "head.safetensors", head),
                         _save(tmp_path / "fusion.safetensors", donor, training={"data": "donor"}))
     ir, vis = torch.rand(1, 1, 48, 64), torch.rand(1, 1, 48, 64)

@@ -9,7 +9,6 @@ and its own validation numbers.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from ivf_ros.checkpoint import CheckpointError, load_checkpoint
 from ivf_ros.model import count_parameters
 
-from .train import git_commit, save_validated
+from .train import file_sha256, git_commit, save_validated
 
 
 def average_checkpoints(paths: list[Path]) -> tuple[torch.nn.Module, dict]:
@@ -44,7 +43,7 @@ def average_checkpoints(paths: list[Path]) -> tuple[torch.nn.Module, dict]:
     meta["training"] = {
         "method": "weight average (training/average.py): uniform mean of the floating-point tensors, "
                   "integer buffers from the first input",
-        "inputs": [{"checkpoint": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+        "inputs": [{"checkpoint": str(p), "sha256": file_sha256(p),
                     **{k: m.get("training", {}).get(k) for k in ("commit", "steps", "init", "data")},
                     "validation": m.get("validation")} for p, m in zip(paths, metas)],
         "commit": git_commit(),

@@ -3,18 +3,17 @@
     python -m training.graft --head runs/head.safetensors --fusion runs/m5/final.safetensors \\
         --out models/ivf_student.safetensors
 
-A head with its own path (``seg_context`` > 0) reads only the encoder (``ENCODER``); the fused image also depends
-on the fusion decoder (``DECODER``), which the head never reads. When both checkpoints share the encoder bit for
-bit, the result therefore fuses exactly as ``--fusion`` and labels exactly as ``--head``; anything else is refused.
-The head and the decoder can so be trained apart (``training.fit_head`` with the fusion frozen, ``training.train``
-with ``train.trainable: [dec8, dec4, coeff_head]``). The metadata is the head checkpoint's; ``training.fusion``
-describes the decoder's source (file, SHA-256, its training block and validation) and ``validation`` is the
-result's own, on the ``val`` entry of ``--config``.
+A head with its own path (``seg_context`` > 0) reads only the encoder (``ENCODER_MODULES``); the fused image also
+depends on the fusion decoder (``DECODER_MODULES``), which the head never reads. When both checkpoints share the
+encoder bit for bit, the result therefore fuses exactly as ``--fusion`` and labels exactly as ``--head``; anything
+else is refused. The head and the decoder can so be trained apart (``training.fit_head`` with the fusion frozen,
+``training.train`` with ``train.trainable: [dec8, dec4, coeff_head]``). The metadata is the head checkpoint's;
+``training.fusion`` describes the decoder's source (file, SHA-256, its training block and validation) and
+``validation`` is the result's own, on the ``val`` entry of ``--config``.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,10 +21,7 @@ import torch
 
 from ivf_ros.checkpoint import CheckpointError, load_checkpoint
 
-from .train import save_validated
-
-ENCODER = ("stem", "enc4", "enc8", "enc16", "reduce16")  # what the head reads (f4, dec8_in)
-DECODER = ("dec8", "dec4", "coeff_head")  # the rest of the fusion path
+from .train import DECODER_MODULES, ENCODER_MODULES, file_sha256, save_validated
 
 
 def _tensors(state: dict, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -44,17 +40,17 @@ def graft(head_path: Path, fusion_path: Path) -> tuple[torch.nn.Module, dict]:
             meta["hyper_parameters"].get("width"):
         raise CheckpointError(f"{fusion_path}: another architecture or width than {head_path}")
     state, donor_state = model.state_dict(), donor.state_dict()
-    mine, theirs = _tensors(state, ENCODER), _tensors(donor_state, ENCODER)
+    mine, theirs = _tensors(state, ENCODER_MODULES), _tensors(donor_state, ENCODER_MODULES)
     differ = sorted(k for k in mine if k not in theirs or not torch.equal(mine[k], theirs[k]))
     if differ:
         raise CheckpointError(f"{fusion_path}: its encoder differs from {head_path}'s ({len(differ)} tensors, "
                               f"e.g. {differ[0]}); the head would read other features")
-    state.update(_tensors(donor_state, DECODER))
+    state.update(_tensors(donor_state, DECODER_MODULES))
     model.load_state_dict(state)
     training = dict(meta.get("training", {}))
     training["fusion"] = {"checkpoint": str(fusion_path),
-                          "sha256": hashlib.sha256(fusion_path.read_bytes()).hexdigest(),
-                          "modules": list(DECODER), "training": donor_meta.get("training"),
+                          "sha256": file_sha256(fusion_path),
+                          "modules": list(DECODER_MODULES), "training": donor_meta.get("training"),
                           "validation": donor_meta.get("validation")}
     return model, {**meta, "training": training}
 

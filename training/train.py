@@ -17,6 +17,7 @@ encoder trains for segmentation while the fused output stays the shipped one's).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import subprocess
@@ -79,7 +80,9 @@ def load_split(entry: dict, classes: list[str], rule: dict | None = None):
 
 
 # The modules the fusion output depends on; ``freeze_fusion`` keeps them (and their BatchNorm statistics) fixed.
-FUSION_MODULES = ("stem", "enc4", "enc8", "enc16", "reduce16", "dec8", "dec4", "coeff_head")
+ENCODER_MODULES = ("stem", "enc4", "enc8", "enc16", "reduce16")  # what a head with its own path reads (f4, dec8_in)
+DECODER_MODULES = ("dec8", "dec4", "coeff_head")  # the rest of the fusion path
+FUSION_MODULES = ENCODER_MODULES + DECODER_MODULES
 
 
 def init_from(model: torch.nn.Module, path: Path) -> list[str]:
@@ -143,6 +146,11 @@ def preservation_reference(cfg: dict) -> torch.nn.Module | None:
 def resolve_repo_path(path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else Path(__file__).resolve().parent.parent / p
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, recorded for the checkpoints a tool makes from others."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def git_commit() -> str:
