@@ -137,8 +137,8 @@ def conditioning_path(cfg: dict) -> str:
 
 class ConditionedCrops(CropDataset):
     """The training crops of ``CropDataset``, each with the visible chroma (N x 2 x H x W in [0, 1]), the row
-    map of its place in the frame (``CropDataset.row_map``) and the teacher's condition for its pair and window (an empty tensor
-    without a condition)."""
+    map of its place in the frame (``CropDataset.row_map``) and the teacher's condition for its pair and window
+    (an empty tensor without a condition)."""
 
     def __init__(self, keyed: list[tuple[str, Sample]], condition, crop: int, length: int, seed: int = 0):
         super().__init__([s for _, s in keyed], crop, length, seed, rows=True)
