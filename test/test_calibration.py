@@ -425,3 +425,32 @@ def test_synthetic_evaluation_on_a_few_pairs(tmp_path):
     # FLIR_00548 is well aligned by the data set itself: the answer is close to the true mapping, accepted
     flir = next(c for c in res["cases"] if c["pair"] == "FLIR_00548")
     assert flir["mean_px"] < 2.0 and not flir["refused"], flir
+
+
+def test_self_reference_falls_back_where_the_own_registration_would_be_refused(tmp_path):
+    # a logged run joined with a --per-pair 0 --self-reference log by --rescore: each case is scored against its
+    # pair's own registration, unless ivf calibrate would refuse that (unstable here), then against the data set's
+    import json
+    from ivf_ros.tools import registration_eval
+    good = {"inliers": 60, "inlier_ratio": 0.9, "coarse_distinct": 10.0, "spread_px": 0.5, "scale": 1.0,
+            "coverage": 0.5, "ambiguity": 0.5}
+    G = np.array([[1.02, 0.0, 5.0], [0.0, 1.02, -3.0], [0, 0, 1.0]])  # the warp
+    own = np.array([[1.0, 0.0, 4.0], [0.0, 1.0, 0.0], [0, 0, 1.0]])  # the pair's own registration: 4 px right
+    answer = own @ np.linalg.inv(G)  # what the method answers on the warped IR: its own registration, undone
+    rows = []
+    for pair, evidence in (("steady", good), ("unstable", dict(good, spread_px=8.0))):
+        rows.append({"dataset": "d", "pair": pair, "unwarped": True, "vis_wh": [320, 240], "own": own.ravel().tolist(),
+                     "own_evidence": evidence, "reference": np.eye(3).ravel().tolist(), "mi": None})
+        rows.append({"dataset": "d", "pair": pair, "case": 0, "answer": True, "warp": G.ravel().tolist(),
+                     "matrix": answer.ravel().tolist(), "mean_px": 4.0, "max_px": 4.0, "seconds": 1.0, **good})
+    log = tmp_path / "joined.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))  # references after their cases, as a cat gives
+    p = argparse.ArgumentParser()
+    registration_eval.add_arguments(p)
+    assert registration_eval.run(p.parse_args(["--rescore", str(log), "--out", str(tmp_path / "out")])) == 0
+    res = json.loads((tmp_path / "out" / "synthetic.json").read_text())
+    cases = {c["pair"]: c for c in res["cases"]}
+    assert len(cases) == 2 and len(res["unwarped"]) == 2
+    assert not cases["steady"]["self_fallback"] and cases["steady"]["mean_px_vs_self"] < 1e-6
+    assert cases["unstable"]["self_fallback"] and cases["unstable"]["mean_px_vs_self"] == pytest.approx(4.0)
+    assert "the data set's alignment: 1 of 2 pairs: d:unstable" in (tmp_path / "out" / "synthetic.md").read_text()

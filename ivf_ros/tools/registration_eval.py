@@ -53,22 +53,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pairs pictured with --docs (default: %(default)s)")
     p.add_argument("--synthetic", nargs="+", metavar="DIR",
                    help="known-answer evaluation on these folders of aligned pairs (ir/ and vi/ inside) instead")
-    p.add_argument("--per-pair", type=int, default=2, help="synthetic: random homographies per pair (default 2)")
+    p.add_argument("--per-pair", type=int, default=2,
+                   help="synthetic: random homographies per pair (default 2; 0 with --self-reference: only the "
+                        "pairs' references, logged to be joined to another run's log by --rescore)")
     p.add_argument("--seed", type=int, default=0, help="synthetic: random seed (default 0)")
     p.add_argument("--reference", nargs="+", metavar="YAML",
                    help="synthetic: per folder, the registration of its aligned IR to its visible images ('-' = "
                         "identity, the default): the true mapping is this after undoing the random warp")
     p.add_argument("--self-reference", action="store_true",
                    help="synthetic: also score the answers against each unwarped pair's own registration (the "
-                        "method's consistency, free of the data set's own misalignment) and against its "
-                        "mutual-information registration (a reference found independently of the method)")
+                        "method's consistency, free of the data set's own misalignment; the data set's alignment "
+                        "where ivf calibrate would refuse it) and against its mutual-information registration (a "
+                        "reference found independently of the method)")
     p.add_argument("--pairs", nargs="+", metavar="PAIR",
                    help="synthetic: only these pairs (file stems, or FOLDER:STEM); they get the same warps as in a "
                         "full run")
     p.add_argument("--jobs", type=int, default=1, help="synthetic: worker processes (default 1)")
     p.add_argument("--rescore", metavar="JSONL",
-                   help="synthetic: recompute confidence and refusals of a logged run (synthetic.jsonl) with the "
-                        "current confidence function and write the tables to --out")
+                   help="synthetic: recompute confidence and refusals of a logged run (synthetic.jsonl, or several "
+                        "concatenated: a --per-pair 0 --self-reference log adds the references) with the current "
+                        "confidence function and write the tables to --out")
     p.add_argument("--plot", action="store_true", help="synthetic: also write synthetic.png (error vs confidence)")
 
 
@@ -344,33 +348,15 @@ def mi_registration(ir: np.ndarray, vis: np.ndarray, H0: np.ndarray, side: int =
 
 
 def _synthetic_pair(task: dict) -> list[dict]:
-    """The known-answer cases of one pair (runs in a worker): warp, register, score against the true mapping."""
+    """The known-answer cases of one pair (runs in a worker): warp, register, score against the true mapping. With
+    ``self_reference`` the first row is the pair's unwarped row (:func:`_unwarped_row`)."""
     cv2.setNumThreads(1)
     ir, vis = read_ir(task["ir"]), read_vis(task["vis"])
     h, w = ir.shape[:2]
     vis_wh = (vis.shape[1], vis.shape[0])
     cfg = AutoConfig(model=task["model"], min_confidence=0.0)  # answers below the threshold are scored too
     ref = np.asarray(task["reference"]).reshape(3, 3)
-    own = mi_ref = None
-    if task["self_reference"]:
-        # the same method on the unwarped pair: scores the answers without the data set's own misalignment
-        try:
-            own = calibrate_auto([(ir, vis)], cfg)[0].matrix
-        except CalibrationError:
-            pass
-        # and a reference found independently of the method: mutual information, from the data set's alignment
-        found = mi_registration(ir, vis, ref)
-        mi_ref = None if found is None else found[0]
-    fit = {} if mi_ref is None else {"reference_vs_mi_px": grid_error(mi_ref, ref, vis_wh, GRID_STEP)[0]}
-    # which fits the unwarped pair better, the data set's alignment or the pair's own registration (edge score and
-    # mutual information of the raw intensities, a similarity the registration does not use)
-    if own is not None:
-        for name, M in (("reference", ref), ("own", own)):
-            reg = Registration(M, (w, h), vis_wh)
-            g, valid = _apply(reg, ir, vis.shape)
-            fit[f"{name}_edge"] = _edge(g, vis, valid)
-            fit[f"{name}_mi"] = mutual_information(g, to_gray(vis), valid)
-    rows = []
+    rows = [_unwarped_row(task, ir, vis, cfg, ref)] if task["self_reference"] else []
     for j, (warp, overlay) in enumerate(zip(task["warps"], task["overlays"])):
         G = np.asarray(warp).reshape(3, 3)
         iw = cv2.warpPerspective(ir, G, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
@@ -391,15 +377,64 @@ def _synthetic_pair(task: dict) -> list[dict]:
                    **{k: info[k] for k in SYNTHETIC_INFO if k in info})
         if not np.allclose(ref, np.eye(3)):
             row["mean_px_vs_dataset"], row["max_px_vs_dataset"] = grid_error(reg.matrix, np.linalg.inv(G), vis_wh)
-        row.update(fit)
-        if own is not None:
-            row["mean_px_vs_self"], row["max_px_vs_self"] = grid_error(reg.matrix, own @ np.linalg.inv(G), vis_wh)
-        if mi_ref is not None:
-            row["mean_px_vs_mi"], row["max_px_vs_mi"] = grid_error(reg.matrix, mi_ref @ np.linalg.inv(G), vis_wh)
         if overlay:
             write_overlay(overlay, iw, vis, reg, max_width=1200)
         rows.append(row)
     return rows
+
+
+def _unwarped_row(task: dict, ir: np.ndarray, vis: np.ndarray, cfg: AutoConfig, ref: np.ndarray) -> dict:
+    """The references of one pair for ``--self-reference``, logged once per pair and joined to its cases by
+    :func:`with_references`: the unwarped pair registered by the same method (``own``, with the evidence its
+    confidence comes from) and by mutual information (``mi``), and which of them fits the pair better."""
+    vis_wh = (vis.shape[1], vis.shape[0])
+    row = {"dataset": task["dataset"], "pair": task["pair"], "unwarped": True, "vis_wh": list(vis_wh),
+           "reference": ref.ravel().tolist(), "own": None, "mi": None}
+    t = time.perf_counter()
+    try:
+        reg, info = calibrate_auto([(ir, vis)], cfg)
+        row.update(own=reg.matrix.ravel().tolist(), own_evidence={k: info[k] for k in SYNTHETIC_INFO if k in info})
+    except CalibrationError as exc:
+        row["own_error"] = str(exc)
+    # a reference found independently of the method: mutual information, from the data set's alignment
+    found = mi_registration(ir, vis, ref)
+    if found is not None:
+        row.update(mi=found[0].ravel().tolist(), reference_vs_mi_px=grid_error(found[0], ref, vis_wh, GRID_STEP)[0])
+    # which fits the unwarped pair better, the data set's alignment or the pair's own registration (edge score and
+    # mutual information of the raw intensities, a similarity the registration does not use)
+    if row["own"] is not None:
+        for name, M in (("reference", ref), ("own", reg.matrix)):
+            g, valid = _apply(Registration(M, (ir.shape[1], ir.shape[0]), vis_wh), ir, vis.shape)
+            row[f"{name}_edge"] = _edge(g, vis, valid)
+            row[f"{name}_mi"] = mutual_information(g, to_gray(vis), valid)
+    row["seconds"] = time.perf_counter() - t
+    return row
+
+
+def with_references(rows: list[dict]) -> list[dict]:
+    """The cases of ``rows`` scored against their pair's unwarped row, where the log has one: ``*_px_vs_self``
+    against the pair's own registration composed with the warp, or, where ``ivf calibrate`` would refuse that
+    registration (below ``min_confidence``, with the current :func:`confidence_score`, or no answer at all), against
+    the data set's alignment, flagged ``self_fallback``; ``*_px_vs_mi`` against the mutual-information one."""
+    refs = {(r["dataset"], r["pair"]): r for r in rows if r.get("unwarped")}
+    out = []
+    for r in rows:
+        u = refs.get((r["dataset"], r.get("pair")))
+        if r.get("unwarped") or not r.get("answer") or u is None:
+            out.append(r)
+            continue
+        r = dict(r)
+        A, G_inv = np.asarray(r["matrix"]).reshape(3, 3), np.linalg.inv(np.asarray(r["warp"]).reshape(3, 3))
+        vis_wh = tuple(u["vis_wh"])
+        r["self_fallback"] = u["own"] is None or _refusal(confidence_score(u["own_evidence"])) is not None
+        own = np.asarray(u["reference"] if r["self_fallback"] else u["own"]).reshape(3, 3)
+        r["mean_px_vs_self"], r["max_px_vs_self"] = grid_error(A, own @ G_inv, vis_wh, GRID_STEP)
+        if u["mi"] is not None:
+            mi = np.asarray(u["mi"]).reshape(3, 3)
+            r["mean_px_vs_mi"], r["max_px_vs_mi"] = grid_error(A, mi @ G_inv, vis_wh, GRID_STEP)
+            r["reference_vs_mi_px"] = u["reference_vs_mi_px"]
+        out.append(r)
+    return out
 
 
 SYNTHETIC_INFO = ("inliers", "inlier_ratio", "coarse_distinct", "ambiguity", "dense_correlation",
@@ -485,31 +520,37 @@ def synthetic_markdown(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def confidence_markdown(rows: list[dict], edges=(0.0, 0.25, 0.5, 0.75, 0.9, 1.01)) -> str:
-    """Per data set and confidence band: answers, median grid error, share within 3 px and above 5 px."""
+def confidence_markdown(rows: list[dict], edges=(0.0, 0.25, 0.5, 0.75, 0.9, 1.01), key: str = "mean_px") -> str:
+    """Per data set and confidence band: answers, median grid error (``key``), share within 3 px and above 5 px."""
     lines = ["| data set | confidence | answers | median grid error (px) | <= 3 px | > 5 px |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for ds in dict.fromkeys(r["dataset"] for r in rows):
-        rs = [r for r in rows if r["dataset"] == ds and r.get("answer")]
+        rs = [r for r in rows if r["dataset"] == ds and r.get("answer") and key in r]
         for lo, hi in zip(edges[:-1], edges[1:]):
-            e = np.array([r["mean_px"] for r in rs if lo <= r["confidence"] < hi])
+            e = np.array([r[key] for r in rs if lo <= r["confidence"] < hi])
             if len(e):
                 lines.append(f"| {ds} | {lo:.2f}-{min(hi, 1.0):.2f} | {len(e)} | {np.median(e):.2f} | "
                              f"{100 * (e <= 3).mean():.0f}% | {100 * (e > 5).mean():.0f}% |")
     return "\n".join(lines) + "\n"
 
 
-def reference_check(rows: list[dict]) -> str:
-    """Per data set: on how many unwarped pairs the pair's own registration fits better than the data set's
-    alignment (higher edge score, higher mutual information), and how far apart the two are."""
+def reference_check(unwarped: list[dict]) -> str:
+    """Per data set, from the unwarped rows: how many of the pairs' own registrations ``ivf calibrate`` would refuse,
+    how far the accepted ones lie from the data set's alignment, and on how many pairs the own registration fits
+    better than that alignment (higher mutual information, higher edge score)."""
     lines = []
-    for ds in dict.fromkeys(r["dataset"] for r in rows):
-        pairs = {r["pair"]: r for r in rows if r["dataset"] == ds and "own_mi" in r}
-        if pairs:
-            rs = list(pairs.values())
-            lines.append(f"{ds}: the pair's own registration fits the unwarped pair better than the data set's "
-                         f"alignment on {sum(r['own_mi'] > r['reference_mi'] for r in rs)} of {len(rs)} pairs by "
-                         f"mutual information, {sum(r['own_edge'] > r['reference_edge'] for r in rs)} by edge score")
+    for ds in dict.fromkeys(r["dataset"] for r in unwarped):
+        rs = list({r["pair"]: r for r in unwarped if r["dataset"] == ds}.values())
+        ok = [r for r in rs if r["own"] is not None and _refusal(confidence_score(r["own_evidence"])) is None]
+        d = [grid_error(np.reshape(r["own"], (3, 3)), np.reshape(r["reference"], (3, 3)), tuple(r["vis_wh"]),
+                        GRID_STEP)[0] for r in ok]
+        fits = [r for r in rs if "own_mi" in r]
+        lines.append(f"{ds}: of {len(rs)} unwarped pairs, `ivf calibrate` would refuse {len(rs) - len(ok)} own "
+                     "registrations" + (f"; the accepted ones lie a median {np.median(d):.2f} px (max {max(d):.2f}) "
+                                        "from the data set's alignment" if d else "")
+                     + f"; the own registration fits the pair better than that alignment on "
+                     f"{sum(r['own_mi'] > r['reference_mi'] for r in fits)} of {len(fits)} pairs by mutual "
+                     f"information, {sum(r['own_edge'] > r['reference_edge'] for r in fits)} by edge score")
     return "\n".join(lines) + "\n"
 
 
@@ -578,10 +619,13 @@ def rescore(rows: list[dict]) -> list[dict]:
 
 
 def write_synthetic(rows: list[dict], args: argparse.Namespace, out: Path) -> int:
+    unwarped = [r for r in rows if r.get("unwarped")]
+    rows = [r for r in with_references(rows) if not r.get("unwarped")]
     summary = synthetic_summary(rows)
     (out / "synthetic.json").write_text(json.dumps({"seed": args.seed, "per_pair": args.per_pair,
                                                     "warp_ranges": WARP_RANGES, "grid_step_px": GRID_STEP,
-                                                    "summary": summary, "cases": rows}, indent=1))
+                                                    "summary": summary, "cases": rows, "unwarped": unwarped},
+                                                   indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("warp", "matrix")))
     with (out / "synthetic.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
@@ -590,8 +634,14 @@ def write_synthetic(rows: list[dict], args: argparse.Namespace, out: Path) -> in
     table = synthetic_markdown(summary) + "\nWhat the confidence means (all answers, refused ones too):\n\n" + \
         confidence_markdown(rows)
     if any("mean_px_vs_self" in r for r in rows):
-        table += ("\nAgainst each pair's own registration (the unwarped pair registered by the same method):\n\n"
-                  + synthetic_markdown(synthetic_summary(rows, key="mean_px_vs_self")) + "\n" + reference_check(rows))
+        fallback = sorted({f"{r['dataset']}:{r['pair']}" for r in rows if r.get("self_fallback")})
+        pairs = {(r["dataset"], r["pair"]) for r in rows if "mean_px_vs_self" in r}
+        table += ("\nAgainst each pair's own registration (the unwarped pair registered by the same method; where "
+                  f"`ivf calibrate` would refuse it, the data set's alignment: {len(fallback)} of {len(pairs)} pairs"
+                  + (f": {' '.join(fallback)}" if fallback else "") + "):\n\n"
+                  + synthetic_markdown(synthetic_summary(rows, key="mean_px_vs_self")) + "\n"
+                  + reference_check(unwarped) + "\nWhat the confidence means against that reference:\n\n"
+                  + confidence_markdown(rows, key="mean_px_vs_self"))
     if any("mean_px_vs_mi" in r for r in rows):
         table += ("\nAgainst an independent reference per pair (the unwarped pair registered by maximising the mutual "
                   "information of the raw intensities, from the data set's alignment):\n\n"
