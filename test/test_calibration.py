@@ -427,9 +427,10 @@ def test_synthetic_evaluation_on_a_few_pairs(tmp_path):
     assert flir["mean_px"] < 2.0 and not flir["refused"], flir
 
 
-def test_self_reference_falls_back_where_the_own_registration_would_be_refused(tmp_path):
+def test_self_reference_refused_where_ivf_calibrate_would_refuse_it(tmp_path):
     # a logged run joined with a --per-pair 0 --self-reference log by --rescore: each case is scored against its
-    # pair's own registration, unless ivf calibrate would refuse that (unstable here), then against the data set's
+    # pair's own registration, unless ivf calibrate would refuse that one (unstable here): then the pair has none
+    # and its cases are tabled apart, against the data set's alignment
     import json
     from ivf_ros.tools import registration_eval
     good = {"inliers": 60, "inlier_ratio": 0.9, "coarse_distinct": 10.0, "spread_px": 0.5, "scale": 1.0,
@@ -451,6 +452,7 @@ def test_self_reference_falls_back_where_the_own_registration_would_be_refused(t
     res = json.loads((tmp_path / "out" / "synthetic.json").read_text())
     cases = {c["pair"]: c for c in res["cases"]}
     assert len(cases) == 2 and len(res["unwarped"]) == 2
-    assert not cases["steady"]["self_fallback"] and cases["steady"]["mean_px_vs_self"] < 1e-6
-    assert cases["unstable"]["self_fallback"] and cases["unstable"]["mean_px_vs_self"] == pytest.approx(4.0)
-    assert "the data set's alignment: 1 of 2 pairs: d:unstable" in (tmp_path / "out" / "synthetic.md").read_text()
+    assert not cases["steady"]["self_reference_refused"] and cases["steady"]["mean_px_vs_self"] < 1e-6
+    assert cases["unstable"]["self_reference_refused"] and "mean_px_vs_self" not in cases["unstable"]
+    md = (tmp_path / "out" / "synthetic.md").read_text()
+    assert "1 of 2 pairs have none" in md and "against the data set's alignment (d:unstable)" in md

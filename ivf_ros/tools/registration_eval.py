@@ -62,9 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "identity, the default): the true mapping is this after undoing the random warp")
     p.add_argument("--self-reference", action="store_true",
                    help="synthetic: also score the answers against each unwarped pair's own registration (the "
-                        "method's consistency, free of the data set's own misalignment; the data set's alignment "
-                        "where ivf calibrate would refuse it) and against its mutual-information registration (a "
-                        "reference found independently of the method)")
+                        "method's consistency, free of the data set's own misalignment; none where ivf calibrate would "
+                        "refuse it) and against its mutual-information registration (a reference found "
+                        "independently of the method)")
     p.add_argument("--pairs", nargs="+", metavar="PAIR",
                    help="synthetic: only these pairs (file stems, or FOLDER:STEM); they get the same warps as in a "
                         "full run")
@@ -413,26 +413,28 @@ def _unwarped_row(task: dict, ir: np.ndarray, vis: np.ndarray, cfg: AutoConfig, 
 
 def with_references(rows: list[dict]) -> list[dict]:
     """The cases of ``rows`` scored against their pair's unwarped row, where the log has one: ``*_px_vs_self``
-    against the pair's own registration composed with the warp, or, where ``ivf calibrate`` would refuse that
-    registration (below ``min_confidence``, with the current :func:`confidence_score`, or no answer at all), against
-    the data set's alignment, flagged ``self_fallback``; ``*_px_vs_mi`` against the mutual-information one."""
+    against the pair's own registration composed with the warp, except where ``ivf calibrate`` would refuse that
+    registration (below ``min_confidence`` with the current :func:`confidence_score`, or no answer): those pairs
+    have no such reference, flagged ``self_reference_refused``; ``*_px_vs_mi`` against the mutual-information one."""
     refs = {(r["dataset"], r["pair"]): r for r in rows if r.get("unwarped")}
     out = []
     for r in rows:
         u = refs.get((r["dataset"], r.get("pair")))
-        if r.get("unwarped") or not r.get("answer") or u is None:
+        if r.get("unwarped") or u is None:
             out.append(r)
             continue
         r = dict(r)
-        A, G_inv = np.asarray(r["matrix"]).reshape(3, 3), np.linalg.inv(np.asarray(r["warp"]).reshape(3, 3))
-        vis_wh = tuple(u["vis_wh"])
-        r["self_fallback"] = u["own"] is None or _refusal(confidence_score(u["own_evidence"])) is not None
-        own = np.asarray(u["reference"] if r["self_fallback"] else u["own"]).reshape(3, 3)
-        r["mean_px_vs_self"], r["max_px_vs_self"] = grid_error(A, own @ G_inv, vis_wh, GRID_STEP)
-        if u["mi"] is not None:
-            mi = np.asarray(u["mi"]).reshape(3, 3)
-            r["mean_px_vs_mi"], r["max_px_vs_mi"] = grid_error(A, mi @ G_inv, vis_wh, GRID_STEP)
-            r["reference_vs_mi_px"] = u["reference_vs_mi_px"]
+        r["self_reference_refused"] = u["own"] is None or _refusal(confidence_score(u["own_evidence"])) is not None
+        if r.get("answer"):
+            A, G_inv = np.asarray(r["matrix"]).reshape(3, 3), np.linalg.inv(np.asarray(r["warp"]).reshape(3, 3))
+            vis_wh = tuple(u["vis_wh"])
+            if not r["self_reference_refused"]:
+                own = np.asarray(u["own"]).reshape(3, 3)
+                r["mean_px_vs_self"], r["max_px_vs_self"] = grid_error(A, own @ G_inv, vis_wh, GRID_STEP)
+            if u["mi"] is not None:
+                mi = np.asarray(u["mi"]).reshape(3, 3)
+                r["mean_px_vs_mi"], r["max_px_vs_mi"] = grid_error(A, mi @ G_inv, vis_wh, GRID_STEP)
+                r["reference_vs_mi_px"] = u["reference_vs_mi_px"]
         out.append(r)
     return out
 
@@ -633,15 +635,19 @@ def write_synthetic(rows: list[dict], args: argparse.Namespace, out: Path) -> in
         w.writerows(rows)
     table = synthetic_markdown(summary) + "\nWhat the confidence means (all answers, refused ones too):\n\n" + \
         confidence_markdown(rows)
-    if any("mean_px_vs_self" in r for r in rows):
-        fallback = sorted({f"{r['dataset']}:{r['pair']}" for r in rows if r.get("self_fallback")})
-        pairs = {(r["dataset"], r["pair"]) for r in rows if "mean_px_vs_self" in r}
-        table += ("\nAgainst each pair's own registration (the unwarped pair registered by the same method; where "
-                  f"`ivf calibrate` would refuse it, the data set's alignment: {len(fallback)} of {len(pairs)} pairs"
-                  + (f": {' '.join(fallback)}" if fallback else "") + "):\n\n"
-                  + synthetic_markdown(synthetic_summary(rows, key="mean_px_vs_self")) + "\n"
+    if any("self_reference_refused" in r for r in rows):
+        scored = [r for r in rows if r.get("self_reference_refused") is False]
+        none = [r for r in rows if r.get("self_reference_refused")]
+        names = sorted({f"{r['dataset']}:{r['pair']}" for r in none})
+        table += ("\nAgainst each pair's own registration (the unwarped pair registered by the same method; "
+                  f"{len(names)} of {len({(r['dataset'], r['pair']) for r in scored + none})} pairs have none: "
+                  "`ivf calibrate` would refuse it):\n\n"
+                  + synthetic_markdown(synthetic_summary(scored, key="mean_px_vs_self")) + "\n"
                   + reference_check(unwarped) + "\nWhat the confidence means against that reference:\n\n"
-                  + confidence_markdown(rows, key="mean_px_vs_self"))
+                  + confidence_markdown(scored, key="mean_px_vs_self"))
+        if none:
+            table += ("\nThe cases of the pairs without one, against the data set's alignment "
+                      f"({' '.join(names)}):\n\n" + synthetic_markdown(synthetic_summary(none)))
     if any("mean_px_vs_mi" in r for r in rows):
         table += ("\nAgainst an independent reference per pair (the unwarped pair registered by maximising the mutual "
                   "information of the raw intensities, from the data set's alignment):\n\n"
