@@ -188,7 +188,7 @@ def test_crops_carry_their_rows_in_the_whole_frame():
     ds = CropDataset(samples, crop=32, length=20, seed=1, rows=True)
     frame = row_coordinates(torch.zeros(1, 1, 10, 12))[0]  # the whole 76-row frame's 1/8 grid: 10 rows
     for k in range(20):
-        (window, _), rows = ds.draw(k)[1:], ds[k][-1]
+        (window, _), rows = ds.draw(k)[2:], ds[k][-1]
         top = window[0].start
         assert rows.shape == (1, 4, 4)
         if top % 8 == 0:
