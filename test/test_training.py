@@ -11,11 +11,12 @@ from ivf_ros.checkpoint import load_checkpoint
 from ivf_ros.data import data_root
 from ivf_ros.model import row_coordinates
 from test_segmentation import teacher_run
-from training.datasets import IGNORE, CropDataset, Sample, box_mask, load_pairs
+from training.datasets import (IGNORE, CropDataset, Sample, TeacherCropDataset, box_mask, check_augment,
+                               load_pairs, rescaled)
 from ivf_ros.metrics import fusion_metrics, to_gray
 from training.losses import (difference_correlation_loss, dominant_gradient_loss, fusion_loss, fusion_metrics_torch,
                              sobel, sobel_magnitude, ssim)
-from training.train import load_config, main as train_main, set_entry, train
+from training.train import crop_datasets, load_config, main as train_main, set_entry, train
 
 CLASSES = ["background", "person", "bicycle", "car"]
 DATA = data_root()
@@ -188,12 +189,106 @@ def test_crops_carry_their_rows_in_the_whole_frame():
     ds = CropDataset(samples, crop=32, length=20, seed=1, rows=True)
     frame = row_coordinates(torch.zeros(1, 1, 10, 12))[0]  # the whole 76-row frame's 1/8 grid: 10 rows
     for k in range(20):
-        (window, _), rows = ds.draw(k)[1:], ds[k][-1]
+        (window, _), rows = ds.draw(k)[2:], ds[k][-1]
         top = window[0].start
         assert rows.shape == (1, 4, 4)
         if top % 8 == 0:
             assert torch.allclose(rows, frame[:, top // 8:top // 8 + 4, :4])
         assert rows[0, 0, 0].item() == pytest.approx((top / 8 + 0.5) / 10)
+
+
+def _object_sample(h=96, w=120):
+    """A pair with a hot, bright 24 x 30 person at (30, 40): its box target, soft targets at 1/2 and weights."""
+    rng = np.random.default_rng(5)
+    ir = rng.integers(0, 60, (h, w), dtype=np.uint8)
+    ir[30:54, 40:70] = 230
+    target = np.zeros((h, w), np.uint8)
+    target[30:54, 40:70] = 1
+    soft = np.zeros((4, h // 2, w // 2), np.float16)
+    soft[0] = 1.0
+    soft[:, 15:27, 20:35] = np.array([0, 1, 0, 0], np.float16)[:, None, None]
+    return Sample("s", ir, np.dstack([ir] * 3), target, [(0, 40, 30, 70, 54)], soft,
+                  np.ones((h // 2, w // 2), np.float16), 2)
+
+
+def _within_a_pixel(mask: np.ndarray, reference: np.ndarray) -> bool:
+    """Whether ``mask`` holds ``reference`` eroded by one pixel and lies inside it dilated by one."""
+    kernel, ref = np.ones((3, 3), np.uint8), reference.astype(np.uint8)
+    inner, outer = cv2.erode(ref, kernel, borderType=cv2.BORDER_REPLICATE) > 0, cv2.dilate(ref, kernel) > 0
+    return bool(mask[inner].all() and not mask[~outer].any())
+
+
+def test_neutral_augmentation_gives_the_crops_without_it():
+    s = _object_sample()
+    plain = TeacherCropDataset([s], crop=32, length=12, seed=4, rows=True, balanced=True)
+    neutral = TeacherCropDataset([s], crop=32, length=12, seed=4, rows=True, balanced=True,
+                                 augment={"scale": [1, 1], "gamma": [1, 1], "contrast": [1, 1]})
+    for k in range(12):
+        for a, b in zip(plain[k], neutral[k]):
+            assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def test_scale_augmentation_moves_targets_soft_targets_and_rows_with_the_image():
+    s = _object_sample()
+    big = rescaled(s, 1.25)
+    assert big.ir.shape == (120, 150) and big.soft.shape == (4, 60, 75) and big.weight.shape == (60, 75)
+    assert (big.target == 1).sum() == pytest.approx(1.25 ** 2 * (s.target == 1).sum(), rel=0.1)
+    assert big.boxes[0][1:] == pytest.approx((50, 37.5, 87.5, 67.5))
+    assert min(rescaled(s, 0.25, crop=64).ir.shape) >= 64  # never smaller than a crop
+    ds = TeacherCropDataset([s], crop=32, length=30, seed=1, rows=True, balanced=True,
+                            augment={"scale": [0.75, 1.25]})
+    heights = set()
+    for k in range(30):
+        _, frame, (rows, _), _ = ds.draw(k)
+        ir, _, _, target, soft, weight, row_map = ds[k]
+        heights.add(frame.ir.shape[0])
+        person = (target == 1).numpy()
+        assert _within_a_pixel(ir[0].numpy() > 0.5, person)  # the class ids still lie on the object
+        assert _within_a_pixel(soft[1].numpy() > 0.5, person[::2, ::2]) and bool((weight == 1).all())
+        assert row_map[0, 0, 0].item() == pytest.approx((rows.start / 8 + 0.5) / -(-frame.ir.shape[0] // 8))
+    assert len(heights) > 5
+
+
+def test_photometric_jitter_changes_ir_and_visible_luminance_independently_and_keeps_the_chroma():
+    rng = np.random.default_rng(6)
+    ir = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    vis = np.dstack([ir, ir, np.clip(ir.astype(int) + 40, 0, 255).astype(np.uint8)])  # coloured, luminance ~ IR
+    target = np.zeros((64, 64), np.uint8)
+    plain = CropDataset([Sample("s", ir, vis, target)], crop=48, length=10, seed=2)
+    jittered = CropDataset([Sample("s", ir, vis, target)], crop=48, length=10, seed=2,
+                           augment={"gamma": [0.6, 1.6], "contrast": [0.6, 1.4]})
+    independent = 0
+    for k in range(10):
+        (ir0, y0, c0, t0), (ir1, y1, c1, t1) = plain[k], jittered[k]
+        assert torch.equal(t0, t1) and torch.equal(c0[1:], c1[1:]) and torch.equal(c1[:1], y1)
+        assert (ir1 - ir0).abs().max() > 0.02 and (y1 - y0).abs().max() > 0.02
+        for before, after in ((ir0, ir1), (y0, y1)):  # monotone: the order of the grey levels is kept
+            assert bool((after.flatten()[before.flatten().argsort()].diff() >= -1e-6).all())
+        independent += not torch.allclose(ir1 - ir0, y1 - y0, atol=0.05)
+    assert independent >= 8
+
+
+def test_augment_config_is_checked():
+    assert check_augment(None) == {}
+    with pytest.raises(ValueError, match="unknown blur"):
+        check_augment({"blur": [1, 2]})
+    with pytest.raises(ValueError, match="scale: expected"):
+        check_augment({"scale": [1.2, 0.8]})
+
+
+def test_unlabelled_entry_crops_only_feed_the_fusion_terms_at_their_share(tmp_path):
+    _, cfg = teacher_run(tmp_path, "training/configs/joint_aug.yaml", width=8, seg_width=8, seg_context=8)
+    rng = np.random.default_rng(7)
+    for i in range(3):
+        _write(tmp_path / "unlabelled" / "ir" / f"{i}.png", rng.integers(0, 256, (70, 90), dtype=np.uint8))
+        _write(tmp_path / "unlabelled" / "vi" / f"{i}.png", rng.integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    cfg["data"].append({"root": str(tmp_path / "unlabelled"), "layout": "pairs", "share": 0.25})
+    cfg["train"].update(steps=10, batch=4, crop=64)
+    labelled, unlabelled = crop_datasets(cfg)
+    assert (len(labelled), len(unlabelled)) == (40, 10)
+    for k in range(10):
+        _, _, _, target, soft, weight, rows = unlabelled[k]
+        assert bool((target == IGNORE).all()) and not weight.any() and rows.shape == (1, 8, 8)
 
 
 def test_joint_fine_tune_trains_the_encoder_with_rows_and_chroma_and_lowers_the_segmentation_loss(tmp_path):

@@ -138,13 +138,32 @@ def to_tensors(ir: np.ndarray, vis: np.ndarray) -> tuple[torch.Tensor, torch.Ten
     return torch.from_numpy(prepare_ir(ir))[None], t[:1], t
 
 
+AUGMENTS = ("scale", "gamma", "contrast")
+
+
+def check_augment(augment: dict | None) -> dict:
+    """``train.augment`` checked: each of ``AUGMENTS`` absent (off) or a range ``[low, high]``, 0 < low <= high."""
+    augment = dict(augment or {})
+    unknown = sorted(set(augment) - set(AUGMENTS))
+    if unknown:
+        raise ValueError(f"train.augment: unknown {', '.join(unknown)} (known: {', '.join(AUGMENTS)})")
+    for key, value in augment.items():
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and 0 < value[0] <= value[1]):
+            raise ValueError(f"train.augment.{key}: expected [low, high] with 0 < low <= high, not {value}")
+    return augment
+
+
 class CropDataset(Dataset):
     """Random crops with flips; half of the crops of labelled pairs are centred on an object. With ``rows`` each
     item ends with the crop's row map at 1/8 in the whole frame (``window_row_coordinates``, for a ``seg_rows``
-    head); ``balanced``: object-centred crops draw the object's class uniformly first (``centred_corner``)."""
+    head); ``balanced``: object-centred crops draw the object's class uniformly first (``centred_corner``).
+    ``augment`` (``check_augment``; default none): ``scale`` resizes the whole pair by a uniform factor before
+    cropping (``rescaled``), ``gamma`` / ``contrast`` jitter the IR and the visible luminance independently
+    (``jitter``; the chroma is kept). They draw from their own streams, so the crops are those without them."""
 
     def __init__(self, samples: list[Sample], crop: int = 160, length: int = 2000, seed: int = 0,
-                 rows: bool = False, balanced: bool = False):
+                 rows: bool = False, balanced: bool = False, augment: dict | None = None):
+        self.augment = check_augment(augment)
         self.samples = [s for s in samples if min(s.ir.shape[:2]) >= crop]
         if not self.samples:
             raise ValueError(f"no training pair is at least {crop}x{crop}")
@@ -153,11 +172,26 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def draw(self, index: int) -> tuple[int, tuple[slice, slice], bool]:
-        """The crop of item ``index`` (deterministic for the seed): sample position, window, flip."""
+    def draw(self, index: int) -> tuple[int, Sample, tuple[slice, slice], bool]:
+        """The crop of item ``index`` (deterministic for the seed): sample position, the sample (rescaled with
+        ``augment.scale``), window, flip."""
         rng = np.random.default_rng((self.seed, index))
         i = int(rng.integers(len(self.samples)))
-        return (i, *random_window(self.samples[i], self.crop, rng, self.balanced))
+        s = self.samples[i]
+        if "scale" in self.augment:
+            s = rescaled(s, np.random.default_rng((self.seed, index, 1)).uniform(*self.augment["scale"]), self.crop)
+        return (i, s, *random_window(s, self.crop, rng, self.balanced))
+
+    def tensors(self, index: int, ir: np.ndarray, vis: np.ndarray):
+        """``to_tensors`` of a crop, with the photometric jitter of ``augment`` (visible YCrCb's Y = the jittered
+        luminance, its chroma unchanged)."""
+        ir_t, vis_y, ycrcb = to_tensors(ir, vis)
+        if "gamma" in self.augment or "contrast" in self.augment:
+            rng = np.random.default_rng((self.seed, index, 2))
+            ir_t = jitter(ir_t, rng, self.augment.get("gamma"), self.augment.get("contrast"))
+            vis_y = jitter(vis_y, rng, self.augment.get("gamma"), self.augment.get("contrast"))
+            ycrcb = torch.cat([vis_y, ycrcb[1:]])
+        return ir_t, vis_y, ycrcb
 
     def row_map(self, s: Sample, window: tuple[slice, slice]) -> tuple:
         """(the window's row map,) with ``rows``, else ()."""
@@ -165,10 +199,42 @@ class CropDataset(Dataset):
         return (window_row_coordinates(window[0].start, s.ir.shape[0], (grid, grid)),) if self.rows else ()
 
     def __getitem__(self, index: int):
-        i, window, flip = self.draw(index)
-        ir, vis, target = crop_sample(self.samples[i], window, flip)
-        ir_t, vis_y, ycrcb = to_tensors(ir, vis)
-        return (ir_t, vis_y, ycrcb, torch.from_numpy(target).long(), *self.row_map(self.samples[i], window))
+        _, s, window, flip = self.draw(index)
+        ir, vis, target = crop_sample(s, window, flip)
+        return (*self.tensors(index, ir, vis), torch.from_numpy(target).long(), *self.row_map(s, window))
+
+
+def rescaled(s: Sample, factor: float, crop: int = 0) -> Sample:
+    """The pair resized as a whole by ``factor`` (at least ``crop`` pixels on each side; sizes rounded to a
+    multiple of the teacher targets' scale): images by area (shrinking) or bilinear, class ids and target weights
+    by nearest neighbour, soft targets bilinear, boxes scaled."""
+    h, w = s.ir.shape[:2]
+    factor = max(factor, crop / min(h, w))
+    size = tuple(max(crop, int(round(n * factor / s.scale)) * s.scale) for n in (w, h))  # (width, height)
+    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    fx, fy = size[0] / w, size[1] / h
+    soft = weight = None
+    if s.soft is not None:
+        small = (size[0] // s.scale, size[1] // s.scale)
+        planes = cv2.resize(np.ascontiguousarray(s.soft.transpose(1, 2, 0), np.float32), small,
+                            interpolation=cv2.INTER_LINEAR).reshape(small[1], small[0], -1)
+        soft = np.ascontiguousarray(planes.transpose(2, 0, 1), np.float16)
+        weight = cv2.resize(s.weight.astype(np.float32), small, interpolation=cv2.INTER_NEAREST).astype(np.float16)
+    return Sample(s.stem, cv2.resize(s.ir, size, interpolation=interp), cv2.resize(s.vis, size, interpolation=interp),
+                  None if s.target is None else cv2.resize(s.target, size, interpolation=cv2.INTER_NEAREST),
+                  None if s.boxes is None else [(c, x0 * fx, y0 * fy, x1 * fx, y1 * fy) for c, x0, y0, x1, y1 in s.boxes],
+                  soft, weight, s.scale)
+
+
+def jitter(x: torch.Tensor, rng: np.random.Generator, gamma=None, contrast=None) -> torch.Tensor:
+    """An image in [0, 1] raised to a gamma drawn log-uniformly in ``gamma``, then its contrast about its mean
+    scaled by a factor drawn uniformly in ``contrast`` (either range None: skipped), clipped to [0, 1]."""
+    if gamma:
+        x = x.clamp_min(0.0) ** float(np.exp(rng.uniform(np.log(gamma[0]), np.log(gamma[1]))))
+    if contrast:
+        mean = x.mean()
+        x = ((x - mean) * float(rng.uniform(*contrast)) + mean).clamp(0.0, 1.0)
+    return x
 
 
 def centred_corner(target: np.ndarray | None, shape: tuple[int, int], crop: int, rng: np.random.Generator,
@@ -233,17 +299,16 @@ class TeacherCropDataset(CropDataset):
     """Crops as ``CropDataset`` plus the teacher's soft targets and weights of the crop (zeros without them)."""
 
     def __init__(self, samples: list[Sample], crop: int = 160, length: int = 2000, seed: int = 0,
-                 num_classes: int = 4, scale: int = 2, rows: bool = False, balanced: bool = False):
-        super().__init__(samples, crop, length, seed, rows, balanced)
+                 num_classes: int = 4, scale: int = 2, rows: bool = False, balanced: bool = False,
+                 augment: dict | None = None):
+        super().__init__(samples, crop, length, seed, rows, balanced, augment)
         if crop % scale:
             raise ValueError(f"crop {crop} is not a multiple of the teacher targets' scale {scale}")
         self.num_classes, self.scale = num_classes, scale
 
     def __getitem__(self, index: int):
-        i, window, flip = self.draw(index)
-        s = self.samples[i]
+        _, s, window, flip = self.draw(index)
         ir, vis, target = crop_sample(s, window, flip)
-        ir_t, vis_y, ycrcb = to_tensors(ir, vis)
         n = self.crop // self.scale
         if s.soft is None:
             soft, weight = np.zeros((self.num_classes, n, n), np.float32), np.zeros((n, n), np.float32)
@@ -254,6 +319,6 @@ class TeacherCropDataset(CropDataset):
             soft, weight = s.soft[(slice(None), *small)], s.weight[small]
             if flip:
                 soft, weight = soft[..., ::-1], weight[..., ::-1]
-        return (ir_t, vis_y, ycrcb, torch.from_numpy(target).long(),
+        return (*self.tensors(index, ir, vis), torch.from_numpy(target).long(),
                 torch.from_numpy(np.ascontiguousarray(soft, np.float32)),
                 torch.from_numpy(np.ascontiguousarray(weight, np.float32)), *self.row_map(s, window))

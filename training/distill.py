@@ -146,8 +146,7 @@ class ConditionedCrops(CropDataset):
         self.keys, self.condition = [keys[id(s)] for s in self.samples], condition
 
     def __getitem__(self, index: int):
-        i, window, flip = self.draw(index)
-        s = self.samples[i]
+        i, s, window, flip = self.draw(index)
         ir, vis, target = crop_sample(s, window, flip)
         ir_t, vis_y, ycrcb = to_tensors(ir, vis)
         cond = self.condition(self.keys[i], s, window, flip) if self.condition else torch.zeros(0)

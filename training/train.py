@@ -12,7 +12,8 @@ checkpoint).
 A head with ``seg_rows`` / ``seg_chroma`` gets each crop's rows in the whole frame and the crop's visible chroma.
 ``loss.preserve`` adds an L1 term to the ``init`` checkpoint's fused crop; ``train.fixed_batchnorm`` keeps every
 BatchNorm's statistics; ``train.balanced_crops`` centres crops on a class drawn uniformly (``joint.yaml``: the
-encoder trains for segmentation while the fused output stays the shipped one's).
+encoder trains for segmentation while the fused output stays the shipped one's). ``train.augment`` rescales the
+pairs and jitters their IR and visible luminance (``training.datasets.check_augment``; off by default).
 """
 from __future__ import annotations
 
@@ -63,8 +64,9 @@ def resolve_root(root: str) -> Path:
 
 
 def load_split(entry: dict, classes: list[str], rule: dict | None = None):
-    """Samples of one data entry: {root, layout, split: all|train|val, limit, teacher_cache}; with
-    ``teacher_cache`` (a ``training.label_cache`` folder) the teacher's targets corrected by ``rule``."""
+    """Samples of one data entry: {root, layout, split: all|train|val, limit, teacher_cache, share}; with
+    ``teacher_cache`` (a ``training.label_cache`` folder) the teacher's targets corrected by ``rule``. ``share``
+    (training only, default 1) scales the number of crops drawn from the entry against the others'."""
     root = resolve_root(entry["root"])
     samples = load_pairs(root, entry.get("layout", "pairs"), classes)
     split = entry.get("split", "all")
@@ -185,27 +187,34 @@ def save_validated(model: torch.nn.Module, meta: dict, config: str | Path, out: 
     return meta["validation"]
 
 
+def crop_datasets(cfg: dict) -> list[CropDataset]:
+    """One crop dataset per ``data`` entry, ``share`` x steps x batch crops each (teacher crops when the config
+    has a teacher cache: entries without one then give zero soft-target weight and, unlabelled, no loss but the
+    fusion terms)."""
+    classes, tc, teacher = cfg["classes"], cfg["train"], teacher_of(cfg)
+    scale = int(cache_info(resolve_repo_path(teacher["caches"][0]))["scale"]) if teacher else 1
+    rows, balanced = bool(cfg["model"].get("seg_rows")), bool(tc.get("balanced_crops"))
+    sets = []
+    for i, entry in enumerate(cfg["data"]):
+        samples = load_split(entry, classes, cfg.get("label_rule"))
+        length = int(round(float(entry.get("share", 1.0)) * tc["steps"] * tc["batch"]))
+        if teacher:
+            sets.append(TeacherCropDataset(samples, tc["crop"], length, i + cfg.get("seed", 0), len(classes), scale,
+                                           rows, balanced, tc.get("augment")))
+        else:
+            sets.append(CropDataset(samples, tc["crop"], length, seed=i + cfg.get("seed", 0), rows=rows,
+                                    balanced=balanced, augment=tc.get("augment")))
+    return sets
+
+
 def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> dict:
     """Run training; returns the best validation metrics."""
     seed_everything(int(cfg.get("seed", 0)))
     torch.set_num_threads(int(cfg["train"].get("threads", torch.get_num_threads())))
     out.mkdir(parents=True, exist_ok=True)
     classes, tc, wl = cfg["classes"], cfg["train"], cfg["loss"]
-    teacher = teacher_of(cfg)
-    scale = int(cache_info(resolve_repo_path(teacher["caches"][0]))["scale"]) if teacher else 1
-
     rows = bool(cfg["model"].get("seg_rows"))  # crops then carry their rows in the whole frame
-    balanced = bool(tc.get("balanced_crops"))
-
-    def crops(i, entry):
-        samples = load_split(entry, classes, cfg.get("label_rule"))
-        if teacher:
-            return TeacherCropDataset(samples, tc["crop"], tc["steps"] * tc["batch"], i + cfg.get("seed", 0),
-                                      len(classes), scale, rows, balanced)
-        return CropDataset(samples, tc["crop"], tc["steps"] * tc["batch"], seed=i + cfg.get("seed", 0), rows=rows,
-                           balanced=balanced)
-
-    sets = [crops(i, e) for i, e in enumerate(cfg["data"])]
+    sets = crop_datasets(cfg)
     val_samples = load_split(cfg["val"], classes)
     loader = DataLoader(ConcatDataset(sets), batch_size=tc["batch"], shuffle=True, drop_last=True,
                         num_workers=int(tc.get("workers", 0)),
