@@ -313,7 +313,7 @@ def main(args: list[str] | None = None) -> int:
     code = 0
     try:  # Ctrl-C while the model loads ends as cleanly as while spinning
         if node.get_parameter("autostart").value and not node.start():
-            code = 1
+            code = 1 if rclpy.ok() else 0  # a Ctrl-C mid-transition fails it: not a failed start
         else:
             executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):

@@ -502,6 +502,26 @@ def test_refuses_to_start_with_one_line(refused, name, returncode, text):
     assert len(lines) == 1 and text in lines[0], out
 
 
+def test_ctrl_c_during_activation_exits_cleanly():
+    """rclpy's SIGINT handler shuts the context down; landing between on_activate and the end of the transition, it
+    fails the transition (seen under load): that is a Ctrl-C, not a failed start, so the exit status is 0."""
+    script = ("import sys, rclpy\n"
+              "from ivf_ros import node\n"
+              "activate = node.FusionNode.on_activate\n"
+              "def on_activate(self, state):\n"
+              "    result = activate(self, state)\n"
+              "    rclpy.try_shutdown()  # what the SIGINT handler does, mid-transition\n"
+              "    return result\n"
+              "node.FusionNode.on_activate = on_activate\n"
+              "sys.exit(node.main(['--ros-args', '-r', '__ns:=/ctrl_c', '-p', 'device:=cpu']))\n")
+    env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN))
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    out = run.stdout + run.stderr
+    assert "fusing on cpu" in out and "Failed to complete transition" in out, out
+    assert run.returncode == 0, out
+
+
 def test_plain_executable_from_the_yaml_with_a_qos_override(ros, tmp_path):
     namespace = ros.namespace()
     override = tmp_path / "qos.yaml"
