@@ -14,7 +14,7 @@ from training.datasets import load_pairs
 from training.distill import DISTILL_TERMS, ConditionedCrops, distill, load_distill_config, semantic_contrast
 from training.mfnet import teacher_dir
 from training.priors import ClassicPriors, PriorCache
-from training.teachers import load_teacher
+from training.teachers import load_teacher, read_teacher_metadata, save_teacher
 
 torch.set_num_threads(1)
 MSRS = data_root() / "msrs"
@@ -166,7 +166,7 @@ def test_rerun_and_resume_log_every_step_once(tiny_msrs):
 @pytest.fixture(scope="module")
 def fusionsam_run(tiny_msrs):
     cfg = tiny_config("fusionsam", tiny_msrs, 3)
-    cfg["teacher"]["hyper_parameters"].update(codes=32, grid=8, sam_dim=32)
+    cfg["teacher"]["hyper_parameters"].update(codes=32, grid=8, sam_dim=32, class_evidence=True)
     out = tiny_msrs / "fusionsam"
     return out, distill(cfg, out, progress=False)
 
@@ -177,6 +177,21 @@ def test_fusionsam_teacher_on_mfnet_priors_distils_with_logit_term(fusionsam_run
     assert len(result["history"]) == 3 and all(h["segment"] > 0 for h in result["history"])
     teacher = assert_names_teacher_and_priors(out, "fusionsam", "mfnet")
     assert teacher["hyper_parameters"]["prior_channels"] == 13  # prompts from MFNet's object-class masks
+    assert teacher["hyper_parameters"]["class_evidence"]  # each prompt raises its own class
+
+
+@needs_data
+def test_teacher_file_saved_before_a_new_hyper_parameter_continues(fusionsam_run, tiny_msrs):
+    out, _ = fusionsam_run
+    teacher, meta = load_teacher(out / "teacher.safetensors")
+    del teacher.hp["class_evidence"]  # a file written before class_evidence existed (it behaves as off)
+    old = save_teacher(tiny_msrs / "old_fusionsam.safetensors", teacher, {k: v for k, v in meta.items()
+                                                                          if k not in ("teacher", "hyper_parameters")})
+    assert "class_evidence" not in read_teacher_metadata(old)["hyper_parameters"]
+    cfg = tiny_config("fusionsam", tiny_msrs, 1)
+    cfg["teacher"]["hyper_parameters"].update(codes=32, grid=8, sam_dim=32)
+    cfg["teacher"].update(init=str(old), warmup=0, steps_per_round=0)
+    assert len(distill(cfg, tiny_msrs / "fusionsam_old", progress=False)["history"]) == 1
 
 
 @needs_data

@@ -59,8 +59,9 @@ def test_object_prompts_are_components_of_each_class():
     masks[0, 0, 5:15, 5:10] = 1  # a person touching a car: two prompts, not one
     masks[0, 2, 5:15, 10:30] = 1
     masks[0, 0, 30:34, 30:32] = 1  # a small second person
-    boxes, points = object_prompts(masks, max_prompts=8)[0]
+    boxes, points, channels = object_prompts(masks, max_prompts=8)[0]
     assert boxes.tolist() == [[10, 5, 30, 15], [5, 5, 10, 15], [30, 30, 32, 34]]  # largest first
+    assert channels.tolist() == [2, 0, 0]
     assert points[0].tolist() == pytest.approx([19.5, 9.5])
     assert len(object_prompts(masks, max_prompts=2)[0][0]) == 2
     assert len(object_prompts(masks[:, :1].amax(1, keepdim=True) * 0, 8)[0][0]) == 0
@@ -85,6 +86,24 @@ def test_fusionsam_teacher_prompts_from_mfnet_object_classes_and_embeddings():
     assert not torch.allclose(prompted[0], reprompted[0])  # the MFNet masks are the prompts
     with pytest.raises(ValueError, match="prior_channels 7"):
         FusionSamTeacher(width=8, prior_channels=7)
+
+
+def test_fusionsam_class_evidence_raises_only_the_prompted_class():
+    torch.manual_seed(0)
+    kw = dict(width=8, codes=32, grid=8, sam_dim=32, prior_channels=13)
+    agnostic, by_class = FusionSamTeacher(**kw), FusionSamTeacher(**kw, class_evidence=True)
+    by_class.load_state_dict(agnostic.state_dict())  # the same weights: only where the evidence goes differs
+    prior = torch.zeros(1, 13, 64, 48)
+    prior[0, OBJECT_CHANNELS[2], 10:30, 5:20] = 1  # one MFNet car
+    ir, vis = torch.rand(1, 1, 64, 48), torch.rand(1, 1, 64, 48)
+    with torch.no_grad():
+        plain = agnostic.segment_with(agnostic.features(ir, vis), (64, 48))
+        raised_all = agnostic(ir, vis, prior)[1] - plain
+        raised_car = by_class(ir, vis, prior)[1] - plain
+    assert torch.allclose(raised_all[0, 1], raised_all[0, 3]) and raised_all[0, 1].max() > 0  # all alike
+    assert raised_car[0, :3].abs().max() == 0 and torch.allclose(raised_car[0, 3], raised_all[0, 3])
+    with pytest.raises(ValueError, match="class_evidence needs"):
+        FusionSamTeacher(width=8, class_evidence=True)
 
 
 def test_fusionsam_teacher_prompts_sam_decoder_and_trains():

@@ -159,7 +159,9 @@ def markdown(results: dict, entries: list[Entry], timings: dict[str, float], thr
     lines.append("Person F1 intervals: 95% bootstrap over the images (2,000 resamples). "
                  "Teacher times exclude prior extraction and text encoding. The object masks of sam and classic "
                  "prior caches come from the annotated boxes (box prompts), so the person F1 of teachers fed them "
-                 "(sage, fusionsam) is not comparable with the students'; mfnet priors never read the boxes.")
+                 "(sage, fusionsam) is not comparable with the students'; mfnet priors never read the boxes. Generated "
+                 "descriptions (training.text_priors) count the annotated objects, so text teachers see the box "
+                 "counts of boxed pairs.")
     return "\n".join(lines) + "\n"
 
 

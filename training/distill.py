@@ -58,7 +58,7 @@ from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
 from .datasets import CropDataset, Sample, crop_sample, to_tensors
 from .losses import fusion_loss, segmentation_loss, sobel_magnitude
 from .priors import PRIOR_CHANNELS, SEMANTIC_CHANNELS, PriorCache, teacher_input
-from .teachers import build_teacher, read_teacher_metadata, save_teacher
+from .teachers import build_teacher, read_teacher_metadata, save_teacher, saved_hyper_parameters
 from .text_priors import description_key, embed_descriptions, update_descriptions
 from .train import (checkpoint_metadata, config_command, load_config, load_split, resolve_repo_path, restart_logs,
                     resolve_root, seed_everything, selection_score)
@@ -364,7 +364,7 @@ def load_teacher_weights(path: Path, teacher: nn.Module) -> dict:
     if meta is None:
         raise ValueError(f"{path}: teacher.init is not a teacher file")
     wanted = {k: v for k, v in teacher.hp.items() if k != "sam_checkpoint"}
-    if meta["teacher"] != teacher.name or {k: meta["hyper_parameters"].get(k) for k in wanted} != wanted:
+    if meta["teacher"] != teacher.name or {k: saved_hyper_parameters(meta).get(k) for k in wanted} != wanted:
         raise ValueError(f"{path}: teacher.init is a {meta['teacher']} teacher with {meta['hyper_parameters']}, "
                          f"the config asks for {teacher.name} with {teacher.hp}")
     return load_file(str(path))

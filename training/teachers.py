@@ -19,6 +19,7 @@ resolution), return ``(fused, logits, features)`` and take ``(ir, vis_y, conditi
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -219,19 +220,21 @@ class VectorQuantizer(nn.Module):
         return x + (q - x).detach()
 
 
-def object_prompts(masks: torch.Tensor, max_prompts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per image of ``masks`` (N x K x H x W, one mask per object class): (boxes P x 4, centroid points P x 2) of
-    the ``max_prompts`` largest connected components of any class, in pixels."""
+def object_prompts(masks: torch.Tensor, max_prompts: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per image of ``masks`` (N x K x H x W, one mask per object class): (boxes P x 4, centroid points P x 2, mask
+    channels P) of the ``max_prompts`` largest connected components of any class, in pixels."""
     prompts = []
     for image in (masks > 0.5).to(torch.uint8).cpu().numpy():
-        found = []  # (area, box, centroid)
-        for mask in image:
+        found = []  # (area, box, centroid, channel)
+        for k, mask in enumerate(image):
             count, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
             found += [(stats[i, cv2.CC_STAT_AREA], [stats[i, 0], stats[i, 1], stats[i, 0] + stats[i, 2],
-                                                    stats[i, 1] + stats[i, 3]], centroids[i]) for i in range(1, count)]
+                                                    stats[i, 1] + stats[i, 3]], centroids[i], k)
+                      for i in range(1, count)]
         found = sorted(found, key=lambda f: -f[0])[:max_prompts]
         prompts.append((torch.from_numpy(np.array([f[1] for f in found], np.float32).reshape(-1, 4)),
-                        torch.from_numpy(np.array([f[2] for f in found], np.float32).reshape(-1, 2))))
+                        torch.from_numpy(np.array([f[2] for f in found], np.float32).reshape(-1, 2)),
+                        torch.tensor([f[3] for f in found], dtype=torch.long)))
     return prompts
 
 
@@ -248,7 +251,8 @@ class FusionSamTeacher(_Heads):
     Each modality is encoded and vector-quantised into latent tokens; cross-attention between the two token sets
     fuses them and predicts a fusion mask. SAM's prompt encoder (box + point prompts, the fusion mask as the dense
     mask prompt) and mask decoder (``segment_anything.modeling``) turn the fused latent into one object mask per
-    prompt; the masks raise the object classes of the segmentation logits. Prompt coordinates are scaled into a
+    prompt; the masks raise the object classes of the segmentation logits: all of them alike, or, with
+    ``class_evidence`` (needs MFNet's class masks), each prompt's mask only its own MFNet class's. Prompt coordinates are scaled into a
     ``16 * grid`` square frame, as SAM sees a 1024 px image on a 64 x 64 grid. ``sam_checkpoint`` (optional) loads
     the prompt encoder and mask decoder from a SAM checkpoint (needs ``sam_dim`` 256).
     """
@@ -257,16 +261,19 @@ class FusionSamTeacher(_Heads):
 
     def __init__(self, num_classes: int = 4, width: int = 32, codes: int = 256, heads: int = 4, grid: int = 16,
                  sam_dim: int = 64, max_prompts: int = 8, sam_checkpoint: str | None = None,
-                 prior_channels: int = PRIOR_CHANNELS, embedding_dim: int = 0):
+                 prior_channels: int = PRIOR_CHANNELS, embedding_dim: int = 0, class_evidence: bool = False):
         from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
         super().__init__()
         if prior_channels not in (PRIOR_CHANNELS, PRIOR_CHANNELS + SEMANTIC_CHANNELS):
             raise ValueError(f"prior_channels {prior_channels}: {PRIOR_CHANNELS}, or "
                              f"{PRIOR_CHANNELS + SEMANTIC_CHANNELS} with MFNet class masks")
+        if class_evidence and (prior_channels == PRIOR_CHANNELS or num_classes != 1 + len(OBJECT_CHANNELS)):
+            raise ValueError(f"class_evidence needs MFNet's class masks (prior_channels "
+                             f"{PRIOR_CHANNELS + SEMANTIC_CHANNELS}) and {1 + len(OBJECT_CHANNELS)} classes")
         self.hp = {"num_classes": num_classes, "width": width, "codes": codes, "heads": heads, "grid": grid,
                    "sam_dim": sam_dim, "max_prompts": max_prompts, "sam_checkpoint": sam_checkpoint,
-                   "prior_channels": prior_channels, "embedding_dim": embedding_dim}
+                   "prior_channels": prior_channels, "embedding_dim": embedding_dim, "class_evidence": class_evidence}
         c = 2 * width
         self.enc_ir, self.enc_vis = _encoder(1, width), _encoder(1, width)
         self.vq_ir, self.vq_vis = VectorQuantizer(codes, c), VectorQuantizer(codes, c)
@@ -310,19 +317,19 @@ class FusionSamTeacher(_Heads):
         dense_mask = F.interpolate(self.fusion_mask(feats), size=(4 * g, 4 * g), mode="bilinear",
                                    align_corners=False)
         scale = torch.tensor([16 * g / size[1], 16 * g / size[0]], device=ir.device)
-        evidence = []
-        for i, (boxes, points) in enumerate(object_prompts(objects, self.hp["max_prompts"])):
+        by_class = self.hp["class_evidence"]
+        evidence = torch.zeros(len(ir), objects.shape[1] if by_class else 1, *size, device=ir.device)
+        for i, (boxes, points, channels) in enumerate(object_prompts(objects, self.hp["max_prompts"])):
             if len(boxes) == 0:
-                evidence.append(torch.zeros(1, *size, device=ir.device))
                 continue
             boxes, points = boxes.to(ir.device) * scale.repeat(2), points.to(ir.device) * scale
             sparse, dense = self.prompt_encoder(points=(points[:, None], torch.ones(len(points), 1, device=ir.device)),
                                                 boxes=boxes, masks=dense_mask[i:i + 1].expand(len(boxes), -1, -1, -1))
             masks, _ = self.mask_decoder(embedding[i:i + 1], self.prompt_encoder.get_dense_pe(), sparse, dense,
                                          multimask_output=False)
-            masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-            evidence.append(F.softplus(masks.amax(0)))
-        evidence = torch.stack(evidence)
+            masks = F.softplus(F.interpolate(masks, size=size, mode="bilinear", align_corners=False))[:, 0]
+            for k in channels.unique().tolist() if by_class else (0,):
+                evidence[i, k] = masks[channels == k].amax(0) if by_class else masks.amax(0)
         logits = torch.cat([logits[:, :1], logits[:, 1:] + evidence], dim=1)
         return self.fuse_with(feats, ir, vis_y), logits, feats
 
@@ -334,6 +341,13 @@ def build_teacher(name: str, hyper_parameters: dict) -> _Heads:
     if name not in TEACHERS:
         raise ValueError(f"unknown teacher '{name}' (known: {', '.join(TEACHERS)})")
     return TEACHERS[name](**hyper_parameters)
+
+
+def saved_hyper_parameters(meta: dict) -> dict:
+    """A teacher file's hyper-parameters, with the defaults of those added after it was saved."""
+    defaults = {k: p.default for k, p in inspect.signature(TEACHERS[meta["teacher"]]).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **meta["hyper_parameters"]}
 
 
 def save_teacher(path: str | Path, teacher: _Heads, metadata: dict) -> Path:
