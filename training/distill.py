@@ -235,25 +235,24 @@ def distill(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -
     student = build_model(ARCHITECTURE, {"num_classes": len(classes), **cfg["model"]}).to(device)
     if cfg.get("init"):  # distil into an already trained student (fine-tuning)
         student.load_state_dict(load_checkpoint(resolve_repo_path(cfg["init"]))[0].state_dict())
-    if direct:  # a stand-in that is never run, so that the run's state has the same parts
-        teacher = nn.Linear(1, 1).to(device)
-        teacher.feature_channels = 1
-    else:
+    modules = {"student": student}  # what last.pt holds; a direct run has no teacher parts
+    if not direct:
         teacher = build_teacher(tcfg["name"], {"num_classes": len(classes), **tcfg.get("hyper_parameters", {}),
                                                **condition.hyper_parameters}).to(device)
-    if tcfg.get("init") and not direct:  # continue training a teacher saved by an earlier run
-        teacher.load_state_dict(load_teacher_weights(resolve_repo_path(tcfg["init"]), teacher))
-    projection = nn.Conv2d(2 * student.width, teacher.feature_channels, 1).to(device)
-    opt_t = torch.optim.AdamW(teacher.parameters(), lr=tcfg["lr"], weight_decay=tc.get("weight_decay", 1e-4))
-    opt_s = torch.optim.AdamW([*student.parameters(), *projection.parameters()], lr=tc["lr"],
+        if tcfg.get("init"):  # continue training a teacher saved by an earlier run
+            teacher.load_state_dict(load_teacher_weights(resolve_repo_path(tcfg["init"]), teacher))
+        projection = nn.Conv2d(2 * student.width, teacher.feature_channels, 1).to(device)
+        opt_t = torch.optim.AdamW(teacher.parameters(), lr=tcfg["lr"], weight_decay=tc.get("weight_decay", 1e-4))
+        sched_t = torch.optim.lr_scheduler.OneCycleLR(opt_t, max_lr=tcfg["lr"], total_steps=max(1, teacher_steps),
+                                                      pct_start=0.1)
+        modules.update(teacher=teacher, projection=projection, opt_t=opt_t, sched_t=sched_t)
+    opt_s = torch.optim.AdamW([p for name in ("student", "projection") if name in modules
+                               for p in modules[name].parameters()], lr=tc["lr"],
                               weight_decay=tc.get("weight_decay", 1e-4))
-    sched_t = torch.optim.lr_scheduler.OneCycleLR(opt_t, max_lr=tcfg["lr"], total_steps=max(1, teacher_steps),
-                                                  pct_start=0.1)
     sched_s = torch.optim.lr_scheduler.OneCycleLR(opt_s, max_lr=tc["lr"], total_steps=max(1, tc["steps"]),
                                                   pct_start=0.1)
+    modules.update(opt_s=opt_s, sched_s=sched_s)
     tl = tcfg.get("loss") or wl  # the teacher's base loss (default: the student's)
-    modules = {"teacher": teacher, "student": student, "projection": projection, "opt_t": opt_t, "opt_s": opt_s,
-               "sched_t": sched_t, "sched_s": sched_s}
     t_step, step, best, history = 0, 0, {"score": -1e9}, []
     state_path = out / "last.pt"
     if resume and state_path.exists():

@@ -328,8 +328,11 @@ class FusionSamTeacher(_Heads):
             masks, _ = self.mask_decoder(embedding[i:i + 1], self.prompt_encoder.get_dense_pe(), sparse, dense,
                                          multimask_output=False)
             masks = F.softplus(F.interpolate(masks, size=size, mode="bilinear", align_corners=False))[:, 0]
-            for k in channels.unique().tolist() if by_class else (0,):
-                evidence[i, k] = masks[channels == k].amax(0) if by_class else masks.amax(0)
+            if by_class:
+                for k in channels.unique().tolist():
+                    evidence[i, k] = masks[channels == k].amax(0)
+            else:
+                evidence[i, 0] = masks.amax(0)
         logits = torch.cat([logits[:, :1], logits[:, 1:] + evidence], dim=1)
         return self.fuse_with(feats, ir, vis_y), logits, feats
 
