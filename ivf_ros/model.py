@@ -23,7 +23,9 @@ With ``seg_rows`` 1 the 1/8 path also reads the row coordinate (0 at the top of 
 where in the frame a pixel lies (sky above, road below), which convolutions alone cannot see. With ``seg_chroma`` 1
 it also reads the visible chroma (Cr, Cb averaged over 8 x 8 pixels, centred on neutral grey and scaled by
 ``CHROMA_SCALE``; neutral when no chroma is given, e.g. gray cameras): the teacher sees colour, the fusion input
-only luminance. (A refinement at 1/2 with the stem features was measured at +20 ms per 640x480 pair on 2 threads,
+only luminance. With ``seg_context16`` > 0 the 1/8 path also branches to 1/16 after its first block (a stride-2
+3x3 block and one more 3x3 block of ``seg_context16`` channels: a wider field of view), and its last block reads
+that, upsampled bilinearly, beside its own features. (A refinement at 1/2 with the stem features was measured at +20 ms per 640x480 pair on 2 threads,
 over the time budget.)
 """
 from __future__ import annotations
@@ -154,11 +156,12 @@ class FusionStudent(nn.Module):
     hyper_parameter_limits = {"num_classes": (int, 1, 255), "width": (int, 1, 256), "seg_width": (int, 0, 256),
                               "seg_depth": (int, 1, 8), "seg_context": (int, 0, 256),
                               "seg_context_depth": (int, 1, 8),
-                              "seg_rows": (int, 0, 1), "seg_chroma": (int, 0, 1)}
+                              "seg_rows": (int, 0, 1), "seg_chroma": (int, 0, 1),
+                              "seg_context16": (int, 0, 256)}
 
     def __init__(self, num_classes: int = 4, width: int = 16, seg_width: int = 0, seg_depth: int = 1,
                  seg_context: int = 0, seg_rows: int = 0, seg_chroma: int = 0,
-                 seg_context_depth: int = 2):
+                 seg_context_depth: int = 2, seg_context16: int = 0):
         super().__init__()
         w = width
         if seg_width and seg_depth < 1:
@@ -170,7 +173,9 @@ class FusionStudent(nn.Module):
         if seg_chroma and not (seg_width and seg_context):
             raise ValueError("seg_chroma needs the 1/8 context path (seg_width and seg_context > 0)")
         self.seg_width, self.seg_depth, self.seg_context, self.seg_rows = seg_width, seg_depth, seg_context, seg_rows
-        self.seg_chroma, self.seg_context_depth = seg_chroma, seg_context_depth
+        if seg_context16 and not (seg_width and seg_context and seg_context_depth >= 2):
+            raise ValueError("seg_context16 needs a 1/8 context path of at least 2 blocks (seg_width, seg_context)")
+        self.seg_chroma, self.seg_context_depth, self.seg_context16 = seg_chroma, seg_context_depth, seg_context16
         self.stem = _block(2, w, stride=2)  # 1/2
         self.enc4 = nn.Sequential(_block(w, 2 * w, stride=2), _block(2 * w, 2 * w))  # 1/4
         self.enc8 = nn.Sequential(_block(2 * w, 4 * w, stride=2), _block(4 * w, 4 * w))  # 1/8
@@ -180,8 +185,14 @@ class FusionStudent(nn.Module):
         self.dec4 = _block(4 * w, 2 * w)
         self.coeff_head = nn.Conv2d(2 * w, len(_COEFF_OFFSET), 3, padding=1)
         if seg_width and seg_context:  # own 1/8 path on dec8's input
-            self.seg8 = nn.Sequential(_block(6 * w, seg_context),
-                                      *[_block(seg_context, seg_context) for _ in range(seg_context_depth - 1)])
+            blocks = [_block(6 * w, seg_context)] + [_block(seg_context, seg_context)
+                                                     for _ in range(seg_context_depth - 1)]
+            if seg_context16:  # the last block also reads the 1/16 branch
+                blocks[-1] = _block(seg_context + seg_context16, seg_context)
+            self.seg8 = nn.Sequential(*blocks)
+            if seg_context16:  # 1/16 branch of the first block's output, read by the last block
+                self.seg16 = nn.Sequential(_block(seg_context, seg_context16, stride=2),
+                                           _block(seg_context16, seg_context16))
             if seg_rows:  # the rows' term, added after the first block's BatchNorm (folding leaves it alone)
                 self.seg_rows_conv = nn.Conv2d(1, seg_context, 3, padding=1, bias=False)
             if seg_chroma:  # likewise the chroma's term
@@ -212,6 +223,8 @@ class FusionStudent(nn.Module):
                 hp["seg_context"] = self.seg_context
                 if self.seg_context_depth != 2:
                     hp["seg_context_depth"] = self.seg_context_depth
+                if self.seg_context16:
+                    hp["seg_context16"] = self.seg_context16
             if self.seg_rows:
                 hp["seg_rows"] = self.seg_rows
             if self.seg_chroma:
@@ -280,14 +293,23 @@ class FusionStudent(nn.Module):
                     y8 = y8 + self.seg_rows_conv(enc["rows"] if "rows" in enc else row_coordinates(x8))
                 if self.seg_chroma and "chroma" in enc:  # neutral chroma (0) adds nothing
                     y8 = y8 + self.seg_chroma_conv(enc["chroma"])
-                x8 = self.seg8[1:](relu(y8))
+                x8 = self._seg8_rest(relu(y8))
             else:
-                x8 = self.seg8(x8)
+                x8 = self._seg8_rest(self.seg8[0](x8))
             up = F.interpolate(x8, size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([up, enc["f4"]], dim=1)
         for block in self.seg4:
             x = block(x)
         return self.seg_head(x)
+
+    def _seg8_rest(self, x8: torch.Tensor) -> torch.Tensor:
+        """The 1/8 path after its first block; with ``seg_context16`` its last block also reads the 1/16 branch."""
+        if not self.seg_context16:
+            return self.seg8[1:](x8)
+        x16 = self.seg16(x8)
+        x8 = self.seg8[1:-1](x8)
+        up = F.interpolate(x16, size=x8.shape[-2:], mode="bilinear", align_corners=False)
+        return self.seg8[-1](torch.cat([x8, up], dim=1))
 
     def forward_with_head(self, ir: torch.Tensor, vis_y: torch.Tensor, chroma: torch.Tensor | None = None,
                           rows: torch.Tensor | None = None):

@@ -30,7 +30,7 @@ from .train import (FUSION_MODULES, checkpoint_metadata, config_command, freeze,
                     resolve_repo_path, seed_everything, selection_score)
 from .validate import VALIDATION_METRICS, validate
 
-HEAD_MODULES = ("seg8", "seg4", "seg_head")  # reset by fresh_head (a row convolution keeps what init gives)
+HEAD_MODULES = ("seg8", "seg16", "seg4", "seg_head")  # reset by fresh_head (a row convolution keeps what init gives)
 
 
 def head_inputs(model, ir: torch.Tensor, vis_y: torch.Tensor, chroma: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -56,26 +56,27 @@ def cache_features(model, samples, progress: bool = True) -> list[list[dict]]:
     return out
 
 
-def crop_at(s: Sample, crop: int, rng: np.random.Generator) -> tuple[int, int]:
-    """Top-left corner (multiple of 8) of a ``crop`` window: half of the time centred near a pixel of one of the
-    pair's object classes (drawn uniformly: ``centred_corner``)."""
+def crop_at(s: Sample, crop: int, rng: np.random.Generator, align: int = 8) -> tuple[int, int]:
+    """Top-left corner (multiple of ``align``) of a ``crop`` window: half of the time centred near a pixel of one of
+    the pair's object classes (drawn uniformly: ``centred_corner``)."""
     y, x = centred_corner(s.target, s.target.shape, crop, rng, balanced=True)
-    return y - y % 8, x - x % 8
+    return y - y % align, x - x % align
 
 
 STRIDES = {"dec8_in": 8, "rows": 8, "chroma": 8, "f4": 4, "dec4_in": 4, "feats": 4}  # of the cached features
 
 
-def batch_of(samples, feats, picks, crop: int = 0, rng: np.random.Generator | None = None):
+def batch_of(samples, feats, picks, crop: int = 0, rng: np.random.Generator | None = None, align: int = 8):
     """Stacked features and targets (soft, weight, hard) of ``picks`` [(sample index, mirrored)]: whole images, or
-    ``crop`` x ``crop`` windows of the features of the whole image (the context the served head sees)."""
+    ``crop`` x ``crop`` windows of the features of the whole image (the context the served head sees), corners on
+    multiples of ``align`` (16 for a head with a 1/16 branch: its stride-2 grid as on the whole image)."""
     enc, soft, weight, hard = {k: [] for k in feats[0][0]}, [], [], []
     for i, f in picks:
         s = samples[i]
         h, w = s.target.shape
-        y, x = crop_at(s, crop, rng) if crop else (0, 0)
+        y, x = crop_at(s, crop, rng, align) if crop else (0, 0)
         if crop and f:  # the same window of the mirrored arrays (features of the mirrored pair start at its left)
-            x = (w - crop - x) // 8 * 8
+            x = (w - crop - x) // align * align
         ch, cw = (crop, crop) if crop else (h, w)
         for k, v in feats[i][f].items():
             r = STRIDES[k]
@@ -115,8 +116,9 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
             s.weight, s.scale = np.zeros(s.target.shape, np.float16), 1
     epochs, batch, crop = int(hf.get("epochs", 40)), int(hf.get("batch", 4)), int(hf.get("crop", 0))
     small = [s.stem for s in samples if min(s.target.shape) < crop]
-    if crop % 8 or small or (not crop and len({s.target.shape for s in samples}) > 1):
-        raise ValueError(f"head_fit.crop {crop}: must be a multiple of 8 and fit every training pair "
+    align = 16 if getattr(model, "seg_context16", 0) else 8
+    if crop % align or small or (not crop and len({s.target.shape for s in samples}) > 1):
+        raise ValueError(f"head_fit.crop {crop}: must be a multiple of {align} and fit every training pair "
                          f"({', '.join(small[:3]) or 'whole images need one size'})")
     feats = cache_features(model, samples, progress)
     val_samples = load_split(cfg["val"], classes)
@@ -144,7 +146,7 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
             order = rng.permutation(len(samples))
             for k in range(per_epoch):
                 picks = [(int(i), bool(rng.random() < 0.5)) for i in order[k * batch:(k + 1) * batch]]
-                enc, soft, weight, hard = batch_of(samples, feats, picks, crop, rng)
+                enc, soft, weight, hard = batch_of(samples, feats, picks, crop, rng, align)
                 small = model.head_logits(enc)
                 logits = F.interpolate(small, size=hard.shape[-2:], mode="bilinear", align_corners=False)
                 seg = segmentation_loss(logits, hard, class_weights)
