@@ -25,8 +25,10 @@ it also reads the visible chroma (Cr, Cb averaged over 8 x 8 pixels, centred on 
 ``CHROMA_SCALE``; neutral when no chroma is given, e.g. gray cameras): the teacher sees colour, the fusion input
 only luminance. With ``seg_context16`` > 0 the 1/8 path also branches to 1/16 after its first block (a stride-2
 3x3 block of ``seg_context16`` channels, then a 3x3 block back to ``seg_context``: a wider field of view), added,
-upsampled bilinearly, to the input of its last block. (A refinement at 1/2 with the stem features was measured at +20 ms per 640x480 pair on 2 threads,
-over the time budget.)
+upsampled bilinearly, to the input of its last block. With ``seg_context16_pool`` k > 0 the second 1/16 block also
+reads a k x k average (stride 1, borders averaged over the pixels inside) of the first one's output: a still wider,
+local view (not an image-level mean, which would differ between training windows and whole images). (A refinement
+at 1/2 with the stem features was measured at +20 ms per 640x480 pair on 2 threads, over the time budget.)
 """
 from __future__ import annotations
 
@@ -157,11 +159,11 @@ class FusionStudent(nn.Module):
                               "seg_depth": (int, 1, 8), "seg_context": (int, 0, 256),
                               "seg_context_depth": (int, 1, 8),
                               "seg_rows": (int, 0, 1), "seg_chroma": (int, 0, 1),
-                              "seg_context16": (int, 0, 256)}
+                              "seg_context16": (int, 0, 256), "seg_context16_pool": (int, 0, 15)}
 
     def __init__(self, num_classes: int = 4, width: int = 16, seg_width: int = 0, seg_depth: int = 1,
                  seg_context: int = 0, seg_rows: int = 0, seg_chroma: int = 0,
-                 seg_context_depth: int = 2, seg_context16: int = 0):
+                 seg_context_depth: int = 2, seg_context16: int = 0, seg_context16_pool: int = 0):
         super().__init__()
         w = width
         if seg_width and seg_depth < 1:
@@ -175,7 +177,10 @@ class FusionStudent(nn.Module):
         self.seg_width, self.seg_depth, self.seg_context, self.seg_rows = seg_width, seg_depth, seg_context, seg_rows
         if seg_context16 and not (seg_width and seg_context and seg_context_depth >= 2):
             raise ValueError("seg_context16 needs a 1/8 context path of at least 2 blocks (seg_width, seg_context)")
+        if seg_context16_pool and not (seg_context16 and seg_context16_pool % 2):
+            raise ValueError(f"seg_context16_pool {seg_context16_pool}: an odd kernel, with seg_context16 > 0")
         self.seg_chroma, self.seg_context_depth, self.seg_context16 = seg_chroma, seg_context_depth, seg_context16
+        self.seg_context16_pool = seg_context16_pool
         self.stem = _block(2, w, stride=2)  # 1/2
         self.enc4 = nn.Sequential(_block(w, 2 * w, stride=2), _block(2 * w, 2 * w))  # 1/4
         self.enc8 = nn.Sequential(_block(2 * w, 4 * w, stride=2), _block(4 * w, 4 * w))  # 1/8
@@ -189,7 +194,7 @@ class FusionStudent(nn.Module):
                                       *[_block(seg_context, seg_context) for _ in range(seg_context_depth - 1)])
             if seg_context16:  # 1/16 branch of the first block's output, added before the last block
                 self.seg16 = nn.Sequential(_block(seg_context, seg_context16, stride=2),
-                                           _block(seg_context16, seg_context))
+                                           _block(seg_context16 * (2 if seg_context16_pool else 1), seg_context))
             if seg_rows:  # the rows' term, added after the first block's BatchNorm (folding leaves it alone)
                 self.seg_rows_conv = nn.Conv2d(1, seg_context, 3, padding=1, bias=False)
             if seg_chroma:  # likewise the chroma's term
@@ -222,6 +227,8 @@ class FusionStudent(nn.Module):
                     hp["seg_context_depth"] = self.seg_context_depth
                 if self.seg_context16:
                     hp["seg_context16"] = self.seg_context16
+                if self.seg_context16_pool:
+                    hp["seg_context16_pool"] = self.seg_context16_pool
             if self.seg_rows:
                 hp["seg_rows"] = self.seg_rows
             if self.seg_chroma:
@@ -304,7 +311,11 @@ class FusionStudent(nn.Module):
         input of its last block (adding costs less than concatenating: ~1/3 of the head's time at 48 channels)."""
         if not self.seg_context16:
             return self.seg8[1:](x8)
-        x16 = self.seg16(x8)
+        x16 = self.seg16[0](x8)
+        if self.seg_context16_pool:
+            k = self.seg_context16_pool
+            x16 = torch.cat([x16, F.avg_pool2d(x16, k, 1, k // 2, count_include_pad=False)], dim=1)
+        x16 = self.seg16[1](x16)
         x8 = self.seg8[1:-1](x8)
         return self.seg8[-1](x8 + upsample(x16, x8.shape[-2:]))
 

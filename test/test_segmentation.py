@@ -347,12 +347,13 @@ def test_calibration_offsets_raise_the_judge_on_the_given_pairs():
     assert bias[1] > 0.6 and bias[0] == 0.0
 
 
-def test_context16_branch_builds_folds_round_trips_and_is_absent_when_off(tmp_path):
+@pytest.mark.parametrize("pool", [{}, {"seg_context16_pool": 5}])
+def test_context16_branch_builds_folds_round_trips_and_is_absent_when_off(tmp_path, pool):
     from training.fit_head import crop_at
 
     hp = {"seg_width": 8, "seg_depth": 1, "seg_context": 8, "seg_context_depth": 3, "seg_rows": 1, "seg_chroma": 1}
     torch.manual_seed(0)
-    model = FusionStudent(width=8, **hp, seg_context16=12)
+    model = FusionStudent(width=8, **hp, seg_context16=12, **pool)
     model.train()
     with torch.no_grad():
         model(torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64))  # BatchNorm statistics that folding must keep
@@ -360,7 +361,7 @@ def test_context16_branch_builds_folds_round_trips_and_is_absent_when_off(tmp_pa
     ir, vis, chroma = torch.rand(1, 1, 50, 70), torch.rand(1, 1, 50, 70), torch.rand(1, 2, 50, 70)
     meta = {"classes": CLASSES, "palette": [[0, 0, 0]] * 4, "training": {"data": "test"}}
     loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "m.safetensors", model, meta))
-    assert loaded.hyper_parameters() == {"num_classes": 4, "width": 8, **hp, "seg_context16": 12}
+    assert loaded.hyper_parameters() == {"num_classes": 4, "width": 8, **hp, "seg_context16": 12, **pool}
     with torch.no_grad():
         fused, logits, small, feats = model.forward_with_head(ir, vis, chroma)
         assert logits.shape == (1, 4, 50, 70) and small.shape[-2:] == feats.shape[-2:] == (13, 18)
@@ -371,6 +372,8 @@ def test_context16_branch_builds_folds_round_trips_and_is_absent_when_off(tmp_pa
     assert "seg_context16" not in FusionStudent(width=8, **hp).hyper_parameters()
     with pytest.raises(ValueError, match="seg_context16"):
         FusionStudent(width=8, seg_width=8, seg_context=8, seg_context_depth=1, seg_context16=8)
+    with pytest.raises(ValueError, match="seg_context16_pool 4"):
+        FusionStudent(width=8, **hp, seg_context16=8, seg_context16_pool=4)
     rng = np.random.default_rng(0)
     target = np.zeros((96, 128), np.uint8)
     target[40:60, 50:70] = 1
