@@ -78,6 +78,14 @@ def grid_average(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x, grid)
 
 
+def local_average(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k x k average of each channel (stride 1, odd k) over the pixels inside the image: ``avg_pool2d`` with
+    ``count_include_pad=False``, as a depthwise convolution with ones (~15x faster here on 1/16 maps)."""
+    ones = x.new_ones((x.shape[1], 1, k, k))
+    total = F.conv2d(x, ones, padding=k // 2, groups=x.shape[1])
+    return total / F.conv2d(torch.ones_like(x[:, :1]), ones[:1], padding=k // 2)
+
+
 def _eager_cpu(x: torch.Tensor) -> bool:
     """Whether ``x`` is a CPU tensor outside autograd, export, tracing and compilation: where the inference
     shortcuts below (OpenCV, data-dependent shapes) may run."""
@@ -313,8 +321,7 @@ class FusionStudent(nn.Module):
             return self.seg8[1:](x8)
         x16 = self.seg16[0](x8)
         if self.seg_context16_pool:
-            k = self.seg_context16_pool
-            x16 = torch.cat([x16, F.avg_pool2d(x16, k, 1, k // 2, count_include_pad=False)], dim=1)
+            x16 = torch.cat([x16, local_average(x16, self.seg_context16_pool)], dim=1)
         x16 = self.seg16[1](x16)
         x8 = self.seg8[1:-1](x8)
         return self.seg8[-1](x8 + upsample(x16, x8.shape[-2:]))

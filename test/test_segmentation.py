@@ -6,11 +6,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.data import data_root, read_ir, read_vis
-from ivf_ros.model import FusionStudent, row_coordinates
+from ivf_ros.model import FusionStudent, local_average, row_coordinates
 from training.datasets import IGNORE, Sample, TeacherCropDataset
 from training.finetune import main as finetune_main
 from training.label_cache import build_cache, read_cache, soft_targets
@@ -379,3 +380,8 @@ def test_context16_branch_builds_folds_round_trips_and_is_absent_when_off(tmp_pa
     target[40:60, 50:70] = 1
     s = Sample("s", target, np.dstack([target] * 3), target, [])
     assert all(c % 16 == 0 for _ in range(20) for c in crop_at(s, 48, rng, align=16))
+
+
+def test_local_average_is_the_average_over_the_pixels_inside():
+    x = torch.rand(2, 3, 9, 12)
+    assert torch.allclose(local_average(x, 5), F.avg_pool2d(x, 5, 1, 2, count_include_pad=False), atol=1e-6)
