@@ -384,4 +384,4 @@ def test_context16_branch_builds_folds_round_trips_and_is_absent_when_off(tmp_pa
 
 def test_local_average_is_the_average_over_the_pixels_inside():
     x = torch.rand(2, 3, 9, 12)
-    assert torch.allclose(local_average(x, 5), F.avg_pool2d(x, 5, 1, 2, count_include_pad=False), atol=1e-6)
+    assert torch.allclose(local_average(x, torch.ones(3, 1, 5, 5)), F.avg_pool2d(x, 5, 1, 2, count_include_pad=False), atol=1e-6)
