@@ -318,6 +318,12 @@ class FusionStudent(nn.Module):
             x = block(x)
         return self.seg_head(x)
 
+    @property
+    def head_alignment(self) -> int:
+        """The coarsest grid the head's own path reads (16 with the 1/16 branch, else 8): windows cut from
+        whole-image features must start on it to see the grid the whole image gives."""
+        return 16 if self.seg_context16 else 8
+
     def _seg8_rest(self, x8: torch.Tensor) -> torch.Tensor:
         """The 1/8 path after its first block; with ``seg_context16`` the 1/16 branch, upsampled, is added to the
         input of its last block (adding costs less than concatenating: ~1/3 of the head's time at 48 channels)."""

@@ -69,7 +69,7 @@ STRIDES = {"dec8_in": 8, "rows": 8, "chroma": 8, "f4": 4, "dec4_in": 4, "feats":
 def batch_of(samples, feats, picks, crop: int = 0, rng: np.random.Generator | None = None, align: int = 8):
     """Stacked features and targets (soft, weight, hard) of ``picks`` [(sample index, mirrored)]: whole images, or
     ``crop`` x ``crop`` windows of the features of the whole image (the context the served head sees), corners on
-    multiples of ``align`` (16 for a head with a 1/16 branch: its stride-2 grid as on the whole image)."""
+    multiples of ``align`` (``FusionStudent.head_alignment``)."""
     enc, soft, weight, hard = {k: [] for k in feats[0][0]}, [], [], []
     for i, f in picks:
         s = samples[i]
@@ -116,7 +116,7 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
             s.weight, s.scale = np.zeros(s.target.shape, np.float16), 1
     epochs, batch, crop = int(hf.get("epochs", 40)), int(hf.get("batch", 4)), int(hf.get("crop", 0))
     small = [s.stem for s in samples if min(s.target.shape) < crop]
-    align = 16 if getattr(model, "seg_context16", 0) else 8
+    align = model.head_alignment
     if crop % align or small or (not crop and len({s.target.shape for s in samples}) > 1):
         raise ValueError(f"head_fit.crop {crop}: must be a multiple of {align} and fit every training pair "
                          f"({', '.join(small[:3]) or 'whole images need one size'})")

@@ -411,6 +411,12 @@ def _unwarped_row(task: dict, ir: np.ndarray, vis: np.ndarray, cfg: AutoConfig, 
     return row
 
 
+def own_accepted(unwarped: dict) -> bool:
+    """Whether ``ivf calibrate`` accepts the unwarped pair's own registration (an answer whose confidence, with the
+    current :func:`confidence_score`, reaches the threshold)."""
+    return unwarped["own"] is not None and _refusal(confidence_score(unwarped["own_evidence"])) is None
+
+
 def with_references(rows: list[dict]) -> list[dict]:
     """The cases of ``rows`` scored against their pair's unwarped row, where the log has one: ``*_px_vs_self``
     against the pair's own registration composed with the warp, except where ``ivf calibrate`` would refuse that
@@ -424,7 +430,7 @@ def with_references(rows: list[dict]) -> list[dict]:
             out.append(r)
             continue
         r = dict(r)
-        r["self_reference_refused"] = u["own"] is None or _refusal(confidence_score(u["own_evidence"])) is not None
+        r["self_reference_refused"] = not own_accepted(u)
         if r.get("answer"):
             A, G_inv = np.asarray(r["matrix"]).reshape(3, 3), np.linalg.inv(np.asarray(r["warp"]).reshape(3, 3))
             vis_wh = tuple(u["vis_wh"])
@@ -543,7 +549,7 @@ def reference_check(unwarped: list[dict]) -> str:
     lines = []
     for ds in dict.fromkeys(r["dataset"] for r in unwarped):
         rs = list({r["pair"]: r for r in unwarped if r["dataset"] == ds}.values())
-        ok = [r for r in rs if r["own"] is not None and _refusal(confidence_score(r["own_evidence"])) is None]
+        ok = [r for r in rs if own_accepted(r)]
         d = [grid_error(np.reshape(r["own"], (3, 3)), np.reshape(r["reference"], (3, 3)), tuple(r["vis_wh"]),
                         GRID_STEP)[0] for r in ok]
         fits = [r for r in rs if "own_mi" in r]
