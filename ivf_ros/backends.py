@@ -8,7 +8,10 @@ network whose forward takes ``(ir, vis_y)`` as N x 1 x H x W tensors and returns
 can be run.
 
 - ``torch``: BatchNorm folded, channels-last, inference mode; on CUDA optional half precision, pinned host
-  buffers, non-blocking copies, device buffers preallocated per input size and optional CUDA graphs.
+  buffers, non-blocking copies, device buffers preallocated per input size and optional CUDA graphs. On a CPU
+  with native bfloat16 (oneDNN on AMX / AVX512-BF16) the segmentation head runs in bfloat16 by default
+  (``head_precision``): about 3x faster here, the same labels up to a few pixels in 10,000, the fused image
+  unchanged (the fusion path stays float32).
 - ``compile``: the same module through ``torch.compile`` (Inductor, frozen weights), compiled once per size.
 - ``onnxruntime``: an exported ONNX graph (a file from ``ivf export`` or exported in memory per input size) on
   the CPU, or the CUDA execution provider when the device is CUDA.
@@ -43,6 +46,29 @@ INPUT_NAMES = ("ir", "vis_y")
 CHROMA_INPUT = "chroma"  # 1 x H x W x 2 uint8, an input of exported graphs whose network reads the chroma
 POOL_FACTOR = 4  # model.grid_average pools to ceil(size / 4): the only adaptive pooling exported
 DEFAULT_ENGINE_CACHE = Path(os.environ.get("IVF_ENGINE_CACHE", Path.home() / ".cache" / "ivf_ros" / "tensorrt"))
+
+
+HEAD_PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (oneDNN on AMX or AVX512-BF16), not emulated."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_head_dtype(head_precision: str, device: torch.device, backend: str = "torch") -> torch.dtype:
+    """The dtype the segmentation head runs in: ``auto`` is bfloat16 for the eager torch backend on a CPU with
+    native bfloat16, else float32; ``bfloat16`` is refused elsewhere (emulated it is slower). One-line errors."""
+    if head_precision not in HEAD_PRECISIONS:
+        raise ValueError(f"head_precision must be one of {', '.join(HEAD_PRECISIONS)}, not '{head_precision}'")
+    eligible = backend == "torch" and torch.device(device).type == "cpu" and native_bf16()
+    if head_precision == "bfloat16" and not eligible:
+        raise ValueError("head_precision bfloat16 needs the torch backend on a CPU with native bfloat16 "
+                         "(AMX or AVX512-BF16)")
+    return torch.bfloat16 if head_precision != "float32" and eligible else torch.float32
 
 
 class _WithLabels(nn.Module):
@@ -104,7 +130,8 @@ class TorchBackend:
     """Runs a torch module eagerly (or through ``torch.compile``) on the CPU or a CUDA device."""
 
     def __init__(self, model: nn.Module, device: torch.device, half: bool = False, compile: bool = False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, head_dtype: torch.dtype = torch.float32):
+        """``head_dtype``: the segmentation head's dtype (``FusionStudent.head_to``; see ``resolve_head_dtype``)."""
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.half = bool(half) and cuda
@@ -112,6 +139,9 @@ class TorchBackend:
         self.cuda_graphs = bool(cuda_graphs) and cuda and not compile
         self.chroma = reads_chroma(model)
         model = prepare_module(model).to(self.device, memory_format=torch.channels_last)
+        self.head_dtype = head_dtype if hasattr(model, "head_to") else torch.float32
+        if self.head_dtype != torch.float32:
+            model.head_to(self.head_dtype)
         self.net = _WithLabels(model.half() if self.half else model).eval()
         if compile:
             mode = "reduce-overhead" if cuda and cuda_graphs else None
@@ -351,17 +381,20 @@ class OnnxRuntimeBackend:
 
 def make_backend(name: str, model: nn.Module | None, device: str | torch.device = "cpu", half: bool = False,
                  onnx_path: str | Path | None = None, cuda_graphs: bool = False,
-                 engine_cache: str | Path = DEFAULT_ENGINE_CACHE):
+                 engine_cache: str | Path = DEFAULT_ENGINE_CACHE, head_precision: str = "auto"):
     """The backend called ``name`` (one of ``BACKENDS``) for ``model`` on ``device``.
 
     ``onnx_path`` (ONNX backends only) runs that exported file instead of exporting ``model`` per input size;
-    ``engine_cache`` is where the TensorRT backend keeps its engines.
+    ``engine_cache`` is where the TensorRT backend keeps its engines; ``head_precision``: auto, float32 or
+    bfloat16 (``resolve_head_dtype``).
     """
     device = torch.device(device)
+    head_dtype = resolve_head_dtype(head_precision, device, name)
     if name in ("torch", "compile"):
         if model is None:
             raise ValueError(f"backend '{name}' needs a model")
-        return TorchBackend(model, device, half=half, compile=name == "compile", cuda_graphs=cuda_graphs)
+        return TorchBackend(model, device, half=half, compile=name == "compile", cuda_graphs=cuda_graphs,
+                            head_dtype=head_dtype)
     if name in ONNX_BACKENDS:
         if name == "tensorrt" and device.type != "cuda":
             raise ValueError("backend 'tensorrt' needs a CUDA device")

@@ -287,7 +287,7 @@ class FusionStudent(nn.Module):
                        chroma: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(fused N x 1 x H x W, class ids N x H x W): the inference path, labels by ``upsampled_argmax``."""
         enc = self.encode(ir, vis_y, chroma)
-        return self.fuse_with(enc["feats"], ir, vis_y), upsampled_argmax(self.head_logits(enc), ir.shape[-2:])
+        return self.fuse_with(enc["feats"], ir, vis_y), upsampled_argmax(self.head_logits(enc).float(), ir.shape[-2:])
 
     def segment_with(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Logits of a head that reads the shared features (``seg_width`` 0, the training teachers), at ``size``."""
@@ -296,27 +296,38 @@ class FusionStudent(nn.Module):
     def head_logits(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class logits at the head's resolution (1/4) from ``encode``'s features (``enc["rows"]``, optional: the
         row coordinates at 1/8 of a larger image that the features were cut from; default those of the features;
-        ``enc["chroma"]``, optional: neutral without it)."""
+        ``enc["chroma"]``, optional: neutral without it). Runs in the head's dtype (see ``head_to``)."""
+        dtype = self.seg_head.weight.dtype
         if not self.seg_width:
-            return self.seg_head(enc["feats"])
-        x = enc["f4"] if self.seg_context else enc["dec4_in"]
+            return self.seg_head(enc["feats"].to(dtype))
+        x = (enc["f4"] if self.seg_context else enc["dec4_in"]).to(dtype)
         if self.seg_context:
-            x8 = enc["dec8_in"]
+            x8 = enc["dec8_in"].to(dtype)
             if self.seg_rows or self.seg_chroma:  # separate convolutions: a 97-channel input is ~20% slower here
                 conv, bn, relu = self.seg8[0]
                 y8 = bn(conv(x8))
                 if self.seg_rows:
-                    y8 = y8 + self.seg_rows_conv(enc["rows"] if "rows" in enc else row_coordinates(x8))
+                    y8 = y8 + self.seg_rows_conv(enc["rows"].to(dtype) if "rows" in enc else row_coordinates(x8))
                 if self.seg_chroma and "chroma" in enc:  # neutral chroma (0) adds nothing
-                    y8 = y8 + self.seg_chroma_conv(enc["chroma"])
+                    y8 = y8 + self.seg_chroma_conv(enc["chroma"].to(dtype))
                 x8 = self._seg8_rest(relu(y8))
             else:
                 x8 = self._seg8_rest(self.seg8[0](x8))
             up = F.interpolate(x8, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            x = torch.cat([up, enc["f4"]], dim=1)
+            x = torch.cat([up, x], dim=1)
         for block in self.seg4:
             x = block(x)
         return self.seg_head(x)
+
+    def head_to(self, dtype: torch.dtype) -> "FusionStudent":
+        """Cast the segmentation head (the ``seg*`` modules and buffers) to ``dtype``, e.g. bfloat16 for inference
+        on CPUs with native bfloat16; the fusion path keeps its own dtype, so fused images do not change."""
+        for name, module in self.named_children():
+            if name.startswith("seg"):
+                module.to(dtype)
+        if self.seg_context16_pool:
+            self.seg16_ones = self.seg16_ones.to(dtype)
+        return self
 
     @property
     def head_alignment(self) -> int:

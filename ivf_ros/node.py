@@ -111,7 +111,8 @@ class FusionNode(LifecycleNode):
             self.get_logger().warning(f"onnx_path is ignored by backend '{values['backend']}'")
         self.pipeline = FusionPipeline(values["checkpoint"] or None, values["device"], values["half"],
                                        self.settings.normalizer, self.settings.registration,
-                                       backend=values["backend"], onnx_path=onnx_path)
+                                       backend=values["backend"], onnx_path=onnx_path,
+                                       head_precision=values["head_precision"])
         names = {"classes": self.pipeline.classes, "palette": self.pipeline.palette}
         self._outputs["~/class_names"].publish(String(data=json.dumps(names)))
         self.stats = NodeStats()
@@ -128,7 +129,7 @@ class FusionNode(LifecycleNode):
         self._inputs = [self.create_subscription(k, topic, self._log.guarded(cb), input_qos(),
                                                  qos_overriding_options=overridable())
                         for k, topic, cb in subscriptions]
-        self.get_logger().info(f"fusing on {self.pipeline.device}{' (half)' if self.pipeline.half else ''}: "
+        self.get_logger().info(f"fusing on {self.pipeline.device} ({self.pipeline.precision}): "
                                f"{self._inputs[IR].topic_name} + {self._inputs[VIS].topic_name}")
         return super().on_activate(state)
 
@@ -284,8 +285,10 @@ class FusionNode(LifecycleNode):
     def diagnostics(self):
         """The node's health as a DiagnosticStatus (see ``node_stats``)."""
         pipeline = self.pipeline
-        hardware = f"{pipeline.device}{' half' if pipeline.half else ''}" if pipeline else \
-            self.get_parameter("device").value
+        if pipeline:
+            hardware = str(pipeline.device) + ("" if pipeline.precision == "float32" else f" {pipeline.precision}")
+        else:
+            hardware = self.get_parameter("device").value
         info_topic = self._inputs[2].topic_name if len(self._inputs) > 2 else "visible/camera_info"
         period = self.settings.values["diagnostics_period"] if self.settings else 1.0
         return self.stats.status(self.get_name(), hardware, self._active, self.sync,

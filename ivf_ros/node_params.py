@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from .backends import BACKENDS, ONNX_BACKENDS
+from .backends import BACKENDS, HEAD_PRECISIONS, ONNX_BACKENDS, resolve_head_dtype
 from .checkpoint import default_checkpoint, validate_checkpoint_file
 from .errors import one_line
 from .imageops import IRNormalizer
@@ -38,6 +38,9 @@ PARAMETERS = {
     "checkpoint": Param("", "fusion checkpoint (.safetensors); empty = the shipped model", live=False),
     "device": Param("auto", "auto, cpu, cuda or cuda:N", live=False),
     "half": Param(False, "float16 inference (CUDA only; ignored on CPU)", live=False),
+    "head_precision": Param("auto", "segmentation head on the CPU: auto = bfloat16 with the torch backend on a CPU "
+                            "with native bfloat16 (AMX, AVX512-BF16; ~3x faster, fused image unchanged), else "
+                            "float32", choices=HEAD_PRECISIONS, live=False),
     "backend": Param("torch", "inference backend: torch (eager), compile (torch.compile), onnxruntime, "
                      "tensorrt (ONNX Runtime's TensorRT provider, CUDA only)", choices=BACKENDS, live=False),
     "onnx_path": Param("", "ONNX file from 'ivf export' for the onnxruntime and tensorrt backends; empty = export "
@@ -110,7 +113,7 @@ def build_settings(values: dict, previous: Settings | None = None) -> Settings:
     for name, spec in PARAMETERS.items():
         if spec.choices and values[name] not in spec.choices:
             raise ValueError(f"{name} must be one of {', '.join(spec.choices)}, not '{values[name]}'")
-    resolve_device(values["device"])
+    resolve_head_dtype(values["head_precision"], resolve_device(values["device"]), values["backend"])
     if values["backend"] in ONNX_BACKENDS and importlib.util.find_spec("onnxruntime") is None:
         raise ValueError(f"backend '{values['backend']}' needs the onnxruntime package, which is not installed")
     if changed("onnx_path") and values["onnx_path"] and not Path(values["onnx_path"]).expanduser().is_file():

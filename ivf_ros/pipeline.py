@@ -57,18 +57,27 @@ class FusionPipeline:
         backend: str = "torch",
         onnx_path: str | Path | None = None,
         cuda_graphs: bool = False,
+        head_precision: str = "auto",
     ):
         """``backend``: torch, compile, onnxruntime or tensorrt (see ``ivf_ros.backends``); ``onnx_path``: an
-        ``ivf export`` file for the ONNX backends (default: export the checkpoint per input size in memory)."""
+        ``ivf export`` file for the ONNX backends (default: export the checkpoint per input size in memory);
+        ``head_precision``: auto, float32 or bfloat16 (``ivf_ros.backends.resolve_head_dtype``)."""
         self.device = resolve_device(device)
         self.half = bool(half) and self.device.type == "cuda"
         model, self.metadata = load_checkpoint(checkpoint, self.device)
-        self.backend = make_backend(backend, model, self.device, self.half, onnx_path, cuda_graphs)
+        self.backend = make_backend(backend, model, self.device, self.half, onnx_path, cuda_graphs,
+                                    head_precision=head_precision)
+        self.head_bf16 = getattr(self.backend, "head_dtype", None) == torch.bfloat16  # the labels' precision
         self.model = model  # the checkpoint's network (BatchNorm folded in place by the torch backends)
         self.classes: list[str] = list(self.metadata["classes"])
         self.palette: list[list[int]] = [list(c) for c in self.metadata["palette"]]
         self.ir_normalizer = ir_normalizer or IRNormalizer()
         self.registration = registration or Registration()
+
+    @property
+    def precision(self) -> str:
+        """The network's precision in words: float32, float16 or "bfloat16 head" (fusion in float32)."""
+        return "float16" if self.half else "bfloat16 head" if self.head_bf16 else "float32"
 
     def infer(self, ir01: np.ndarray, vis_y: np.ndarray,
               chroma: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

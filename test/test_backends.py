@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from ivf_ros import cli
-from ivf_ros.backends import make_backend
+from helpers import MSRS, needs_msrs
+from ivf_ros import backends, cli
+from ivf_ros.backends import make_backend, native_bf16, resolve_head_dtype
+from ivf_ros.data import read_ir, read_vis
 from ivf_ros.bench import time_interleaved
 from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.model import FusionStudent, count_parameters
@@ -77,7 +79,7 @@ def test_cpu_backends_match_the_float32_network(checkpoint, name, h, w):
     ir01, vis_y = pair(h, w)
     fused_ref, logits_ref = reference(checkpoint, ir01, vis_y)
     model, _ = load_checkpoint(checkpoint)
-    fused, labels = make_backend(name, model)(ir01, vis_y)
+    fused, labels = make_backend(name, model, head_precision="float32")(ir01, vis_y)
     assert fused.shape == (h, w) and fused.dtype == np.float32
     assert labels.shape == (h, w) and labels.dtype == np.uint8
     assert relative_error(fused, fused_ref) < 1e-4
@@ -97,7 +99,7 @@ def test_backends_hand_the_chroma_to_a_head_that_reads_it(name, h, w):
         colour = torch.from_numpy(chroma).permute(2, 0, 1)[None].float() / 255
         logits = [model(torch.from_numpy(ir01)[None, None], torch.from_numpy(vis_y)[None, None], c)[1][0].numpy()
                   for c in (colour, None)]
-    backend = make_backend(name, model)
+    backend = make_backend(name, model, head_precision="float32")
     with_colour, gray = backend(ir01, vis_y, chroma)[1], backend(ir01, vis_y)[1]
     assert label_errors(with_colour, logits[0]) == 0.0 and label_errors(gray, logits[1]) == 0.0
     assert np.mean(with_colour != gray) > 0.01  # the colour does reach the labels
@@ -135,7 +137,8 @@ def test_pipeline_backends_agree(checkpoint):
     rng = np.random.default_rng(0)
     ir = rng.integers(0, 65535, (60, 90), dtype=np.uint16)
     vis = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    results = [FusionPipeline(checkpoint, "cpu", backend=name)(ir, vis) for name in ("torch", "onnxruntime")]
+    results = [FusionPipeline(checkpoint, "cpu", backend=name, head_precision="float32")(ir, vis)
+               for name in ("torch", "onnxruntime")]
     assert results[0].fused.shape == (50, 70, 3) and results[0].labels.shape == (50, 70)
     assert np.abs(results[0].fused.astype(int) - results[1].fused.astype(int)).max() <= 1
     assert np.mean(results[0].labels != results[1].labels) < 1e-3
@@ -263,3 +266,42 @@ def test_cuda_pipeline_runs_in_half_precision(checkpoint):
     gpu = FusionPipeline(checkpoint, "cuda", half=True)(ir, vis)
     assert np.abs(cpu.fused.astype(int) - gpu.fused.astype(int)).max() <= 4
     assert np.mean(cpu.labels != gpu.labels) < 1e-2
+
+
+needs_bf16 = pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bfloat16 (AMX, AVX512-BF16)")
+
+
+@needs_bf16
+@needs_msrs
+def test_bfloat16_head_keeps_the_fused_image_and_nearly_every_label():
+    """The shipped network on real MSRS pairs: the head in bfloat16 (the default here), the fusion path in float32."""
+    pipes = {p: FusionPipeline(None, "cpu", head_precision=p) for p in ("float32", "auto")}
+    assert pipes["auto"].head_bf16 and not pipes["float32"].head_bf16 and pipes["auto"].precision == "bfloat16 head"
+    net = pipes["auto"].model
+    assert net.seg_head.weight.dtype == torch.bfloat16 and net.coeff_head.weight.dtype == torch.float32
+    assert net.stem[0].weight.dtype == torch.float32
+    for stem in ("00008N", "00020N"):
+        ir, vis = read_ir(MSRS / "ir" / f"{stem}.png"), read_vis(MSRS / "vi" / f"{stem}.png")
+        ref, bf16 = pipes["float32"](ir, vis), pipes["auto"](ir, vis)
+        assert np.array_equal(ref.fused, bf16.fused)
+        assert np.mean(ref.labels != bf16.labels) < 2e-3
+        assert len(np.unique(ref.labels)) > 1
+
+
+def test_head_precision_is_checked_and_bfloat16_only_where_native(monkeypatch):
+    model = FusionStudent(width=8, seg_width=8, seg_context=8)
+    with pytest.raises(ValueError, match="head_precision must be one of"):
+        make_backend("torch", model, head_precision="fp8")
+    with pytest.raises(ValueError, match="needs the torch backend"):
+        make_backend("onnxruntime", model, head_precision="bfloat16")
+    assert resolve_head_dtype("float32", torch.device("cpu")) == torch.float32
+    assert resolve_head_dtype("auto", torch.device("cuda")) == torch.float32  # CUDA has half for that
+    monkeypatch.setattr(backends, "native_bf16", lambda: False)  # a CPU without it: emulated bfloat16 is slower
+    assert resolve_head_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="native bfloat16"):
+        resolve_head_dtype("bfloat16", torch.device("cpu"))
+    monkeypatch.setattr(backends, "native_bf16", lambda: True)
+    assert resolve_head_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    backend = make_backend("torch", model, head_precision="bfloat16")
+    assert backend.head_dtype == torch.bfloat16 == backend.net.net.seg_head.weight.dtype
+    assert make_backend("torch", SageStudent(), head_precision="bfloat16").head_dtype == torch.float32  # no head

@@ -21,6 +21,7 @@ from rclpy.qos import ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 import ivf_ros.node as node_module
+from ivf_ros.backends import native_bf16
 from helpers import corrupt_checkpoint
 from ivf_ros import ros_image
 from ivf_ros.checkpoint import default_checkpoint
@@ -259,7 +260,7 @@ def test_diagnostics_on_the_topic(launch):
     assert h.wait(lambda: h.count("diagnostics") > start, timeout=3.0)
     status = [s for m in h.since("diagnostics", start) for s in m.status if s.name == "fusion_node: fusion"][-1]
     keys = {kv.key for kv in status.values}
-    assert status.hardware_id == "cpu"
+    assert status.hardware_id == ("cpu bfloat16 head" if native_bf16() else "cpu")  # head_precision auto
     assert {"IR rate (Hz)", "visible rate (Hz)", "pairs made", "pairs skipped (busy)", "IR dropped unpaired",
             "pairs not processed (no subscribers)", "camera info", "latency p50 (ms)", "latency p99 (ms)",
             "device"} <= keys

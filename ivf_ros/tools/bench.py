@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..backends import BACKENDS, make_backend
+from ..backends import BACKENDS, HEAD_PRECISIONS, make_backend
 from ..bench import peak_memory_mb, reset_peak_memory, time_interleaved
 from ..imageops import split_luminance
 from ..pipeline import FusionPipeline
@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--sizes", default="640x480", help="comma-separated WIDTHxHEIGHT list (default: 640x480)")
     p.add_argument("--half", action="store_true", help="half precision on CUDA")
+    p.add_argument("--head-precision", choices=HEAD_PRECISIONS, default="auto",
+                   help="segmentation head on the CPU: auto = bfloat16 where the CPU has it natively (AMX, "
+                        "AVX512-BF16), else float32 (default: auto)")
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="network backend (default: torch)")
     p.add_argument("--onnx", help="run this 'ivf export' file with the ONNX backends (default: export per size)")
     p.add_argument("--cuda-graphs", action="store_true", help="capture the network in CUDA graphs (CUDA only)")
@@ -72,7 +75,7 @@ def run(args) -> int:
         cv2.setNumThreads(args.threads)
     sizes = parse_sizes(args.sizes)
     pipe = FusionPipeline(args.checkpoint, args.device, args.half, backend=args.backend, onnx_path=args.onnx,
-                          cuda_graphs=args.cuda_graphs)
+                          cuda_graphs=args.cuda_graphs, head_precision=args.head_precision)
     device = pipe.device
     sages = {}
     if not args.no_sage:
@@ -86,7 +89,8 @@ def run(args) -> int:
               "(see ivf_ros.backends)", file=sys.stderr)
     report = {
         "device": str(device), "device_name": device_name(device), "backend": args.backend, "half": pipe.half,
-        "cuda_graphs": bool(args.cuda_graphs), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cuda_graphs": bool(args.cuda_graphs),
+        "head_bf16": pipe.head_bf16, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "onnxruntime": _onnxruntime_version(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_before": os.getloadavg()[0], "results": [],
     }
@@ -127,7 +131,8 @@ def print_table(report: dict) -> None:
     same backend and for SAGE in PyTorch eager mode."""
     device = f"{report['device_name']}, {report['threads']} threads" if report["device"] == "cpu" else \
         report["device_name"]
-    backend = report["backend"] + (" fp16" if report["half"] else "") + (" graphs" if report["cuda_graphs"] else "")
+    backend = report["backend"] + (" fp16" if report["half"] else "") + (" graphs" if report["cuda_graphs"] else "") \
+        + (" bf16 head" if report["head_bf16"] else "")
     print("| device | backend | size | what | ms p50 | ms p99 | FPS | SAGE / this | SAGE torch eager / this |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for entry in report["results"]:

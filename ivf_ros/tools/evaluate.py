@@ -48,7 +48,7 @@ def evaluate(args) -> dict:
         "pairs": len(pairs),
         "checkpoint": str(args.checkpoint or "shipped"),
         "parameters": count_parameters(pipe.model),
-        "device": str(pipe.device),
+        "device": f"{pipe.device} ({pipe.precision})",
         "ms_per_pair_median": 1000.0 * float(np.median(times[1:])) if times[1:] else None,  # the first warms up
         "fusion": evaluation.fusion(),
     }

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..backends import HEAD_PRECISIONS
 from ..data import find_pairs, read_ir, read_vis
 from ..imageops import IRNormalizer, write_image
 from ..pipeline import FusionPipeline
@@ -18,6 +19,9 @@ def add_pipeline_arguments(p) -> None:
     p.add_argument("--vis", required=True, help="folder of visible images (same file stems)")
     p.add_argument("--checkpoint", help="model checkpoint (default: the shipped models/ivf_student.safetensors)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--head-precision", choices=HEAD_PRECISIONS, default="auto",
+                   help="segmentation head on the CPU: auto = bfloat16 where the CPU has it natively (AMX, "
+                        "AVX512-BF16), else float32 (default: auto)")
     p.add_argument("--homography", help="IR->visible registration YAML (from `ivf calibrate`)")
     p.add_argument("--resize", action="store_true", help="resize IR to the visible size when the sizes differ")
     p.add_argument("--ir-norm", choices=("auto", "fixed", "percentile"), default="auto",
@@ -33,7 +37,8 @@ def add_pipeline_arguments(p) -> None:
 def make_pipeline(args) -> FusionPipeline:
     registration = Registration.load(args.homography) if args.homography else Registration()
     norm = IRNormalizer(args.ir_norm, args.ir_range, args.ir_percentiles, smoothing=0.0)  # independent images
-    return FusionPipeline(args.checkpoint, args.device, ir_normalizer=norm, registration=registration)
+    return FusionPipeline(args.checkpoint, args.device, ir_normalizer=norm, registration=registration,
+                          head_precision=args.head_precision)
 
 
 def read_checked_pair(pair, args):
