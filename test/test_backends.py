@@ -229,7 +229,11 @@ def test_bench_command_writes_a_report(tmp_path, checkpoint, capsys):
     first = report["results"][0]
     assert first["pipeline"]["reps"] == 3 and first["sage"]["reps"] == 2
     assert first["sage_over_pipeline"] > 0
+    assert report["head_bf16"] == native_bf16()  # --head-precision auto
     assert "| pipeline |" in capsys.readouterr().out
+    assert cli.main(["bench", "--checkpoint", str(checkpoint), "--device", "cpu", "--sizes", "40x32", "--reps", "2",
+                     "--no-sage", "--head-precision", "float32", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["head_bf16"] is False
 
 
 @needs_cuda

@@ -19,11 +19,12 @@ import cv2
 import numpy as np
 import torch
 
-from ..backends import BACKENDS, HEAD_PRECISIONS, make_backend
+from ..backends import BACKENDS, make_backend
 from ..bench import peak_memory_mb, reset_peak_memory, time_interleaved
 from ..imageops import split_luminance
 from ..pipeline import FusionPipeline
 from ..sage_student import SageStudent
+from .fuse import add_head_precision_argument
 
 
 def add_arguments(p) -> None:
@@ -31,9 +32,7 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--sizes", default="640x480", help="comma-separated WIDTHxHEIGHT list (default: 640x480)")
     p.add_argument("--half", action="store_true", help="half precision on CUDA")
-    p.add_argument("--head-precision", choices=HEAD_PRECISIONS, default="auto",
-                   help="segmentation head on the CPU: auto = bfloat16 where the CPU has it natively (AMX, "
-                        "AVX512-BF16), else float32 (default: auto)")
+    add_head_precision_argument(p)
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="network backend (default: torch)")
     p.add_argument("--onnx", help="run this 'ivf export' file with the ONNX backends (default: export per size)")
     p.add_argument("--cuda-graphs", action="store_true", help="capture the network in CUDA graphs (CUDA only)")

@@ -19,9 +19,7 @@ def add_pipeline_arguments(p) -> None:
     p.add_argument("--vis", required=True, help="folder of visible images (same file stems)")
     p.add_argument("--checkpoint", help="model checkpoint (default: the shipped models/ivf_student.safetensors)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--head-precision", choices=HEAD_PRECISIONS, default="auto",
-                   help="segmentation head on the CPU: auto = bfloat16 where the CPU has it natively (AMX, "
-                        "AVX512-BF16), else float32 (default: auto)")
+    add_head_precision_argument(p)
     p.add_argument("--homography", help="IR->visible registration YAML (from `ivf calibrate`)")
     p.add_argument("--resize", action="store_true", help="resize IR to the visible size when the sizes differ")
     p.add_argument("--ir-norm", choices=("auto", "fixed", "percentile"), default="auto",
@@ -32,6 +30,12 @@ def add_pipeline_arguments(p) -> None:
                         "0 255 for 8-bit, 0 65535 for 16-bit)")
     p.add_argument("--ir-percentiles", nargs=2, type=float, metavar=("LOW", "HIGH"), default=(1.0, 99.0),
                    help="percentile mode: per-image percentiles mapped to black and white (default: 1 99)")
+
+
+def add_head_precision_argument(p) -> None:
+    p.add_argument("--head-precision", choices=HEAD_PRECISIONS, default="auto",
+                   help="segmentation head on the CPU: auto = bfloat16 where the CPU has it natively (AMX, "
+                        "AVX512-BF16), else float32 (default: auto)")
 
 
 def make_pipeline(args) -> FusionPipeline:
