@@ -16,7 +16,7 @@ from training.datasets import (IGNORE, CropDataset, Sample, TeacherCropDataset, 
 from ivf_ros.metrics import fusion_metrics, to_gray
 from training.losses import (difference_correlation_loss, dominant_gradient_loss, fusion_loss, fusion_metrics_torch,
                              sobel, sobel_magnitude, ssim)
-from training.train import crop_datasets, load_config, main as train_main, set_entry, train
+from training.train import crop_datasets, init_from, load_config, main as train_main, set_entry, train
 
 CLASSES = ["background", "person", "bicycle", "car"]
 DATA = data_root()
@@ -305,3 +305,15 @@ def test_joint_fine_tune_trains_the_encoder_with_rows_and_chroma_and_lowers_the_
     changed = {k.split(".")[0] for k in start if not torch.equal(start[k], state[k])}
     assert {"stem", "enc8", "seg8", "seg_chroma_conv", "seg_rows_conv", "dec4"} <= changed  # chroma fed: it trains
     assert load_checkpoint(tmp_path / "run" / "best.safetensors")[1]["training"]["loss"]["preserve"] > 0
+
+
+def test_init_says_which_checkpoint_tensors_the_model_leaves_out(tmp_path, capsys):
+    from ivf_ros.checkpoint import save_checkpoint
+    from ivf_ros.model import FusionStudent
+
+    hp = {"width": 8, "seg_width": 8, "seg_context": 8, "seg_context_depth": 3}
+    path = save_checkpoint(tmp_path / "wide.safetensors", FusionStudent(**hp, seg_context16=8),
+                           {"classes": ["background", "person", "bicycle", "car"], "palette": [[0, 0, 0]] * 4})
+    assert init_from(FusionStudent(**hp), path) == []  # everything the smaller model has comes from the file
+    assert "of its tensors are not in this model (seg16." in capsys.readouterr().out
+    assert init_from(FusionStudent(**hp, seg_context16=8), path) == [] and capsys.readouterr().out == ""

@@ -89,11 +89,16 @@ FUSION_MODULES = ENCODER_MODULES + DECODER_MODULES
 
 def init_from(model: torch.nn.Module, path: Path) -> list[str]:
     """Load the tensors of a checkpoint whose names and shapes match ``model``; returns the names left as
-    initialised (e.g. a new segmentation head on a fusion student)."""
+    initialised (e.g. a new segmentation head on a fusion student). Says which of the checkpoint's are left out
+    (another head, or a config whose ``model`` section is not the checkpoint's)."""
     source = load_checkpoint(path)[0].state_dict()
     own = model.state_dict()
     same = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(same, strict=False)
+    unused = sorted(set(source) - set(same))
+    if unused:
+        tqdm.write(f"init {path}: {len(unused)} of its tensors are not in this model ({unused[0]}, ...): "
+                   "compare the config's model section with the checkpoint's hyper_parameters")
     return sorted(set(own) - set(same))
 
 
