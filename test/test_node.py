@@ -323,6 +323,8 @@ def bad_yaml(tmp_path_factory):
     ("backend", "tflite", "backend must be one of torch, compile, onnxruntime, tensorrt, not 'tflite'"),
     ("onnx_path", "/nonexistent/model.onnx", "onnx_path: /nonexistent/model.onnx: no such ONNX file"),
     ("threads", 65, "out of range"),
+    ("head_precision", "fp8", "head_precision must be one of auto, float32, bfloat16, not 'fp8'"),
+    ("head_precision", "float32", "head_precision can only change while the node is inactive"),
 ])
 def test_bad_parameters_are_rejected_with_a_reason(rejecting, name, value_, reason):
     node, _ = rejecting
