@@ -10,7 +10,7 @@ can be run.
 - ``torch``: BatchNorm folded, channels-last, inference mode; on CUDA optional half precision, pinned host
   buffers, non-blocking copies, device buffers preallocated per input size and optional CUDA graphs. On a CPU
   with native bfloat16 (oneDNN on AMX / AVX512-BF16) the segmentation head runs in bfloat16 by default
-  (``head_precision``): about 3x faster here, the same labels up to a few pixels in 10,000, the fused image
+  (``head_precision``): 2-3x faster here, the same labels up to about 1 pixel in 1,000, the fused image
   unchanged (the fusion path stays float32).
 - ``compile``: the same module through ``torch.compile`` (Inductor, frozen weights), compiled once per size.
 - ``onnxruntime``: an exported ONNX graph (a file from ``ivf export`` or exported in memory per input size) on

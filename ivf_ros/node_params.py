@@ -39,7 +39,7 @@ PARAMETERS = {
     "device": Param("auto", "auto, cpu, cuda or cuda:N", live=False),
     "half": Param(False, "float16 inference (CUDA only; ignored on CPU)", live=False),
     "head_precision": Param("auto", "segmentation head on the CPU: auto = bfloat16 with the torch backend on a CPU "
-                            "with native bfloat16 (AMX, AVX512-BF16; ~3x faster, fused image unchanged), else "
+                            "with native bfloat16 (AMX, AVX512-BF16; 2-3x faster, fused image unchanged), else "
                             "float32", choices=HEAD_PRECISIONS, live=False),
     "backend": Param("torch", "inference backend: torch (eager), compile (torch.compile), onnxruntime, "
                      "tensorrt (ONNX Runtime's TensorRT provider, CUDA only)", choices=BACKENDS, live=False),
