@@ -52,9 +52,11 @@ HEAD_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def native_bf16() -> bool:
-    """Whether this CPU runs bfloat16 convolutions natively (oneDNN on AMX or AVX512-BF16), not emulated."""
+    """Whether this CPU has bfloat16 instructions (x86 AVX512-BF16 or AMX) for oneDNN's convolutions; oneDNN also
+    runs bfloat16 on plain AVX-512, emulated, and slower than float32."""
     try:
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf16_supported()
+                                                         or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 
