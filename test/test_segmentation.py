@@ -291,6 +291,7 @@ def test_head_fit_on_cached_features_lowers_the_loss_and_keeps_the_fusion(tmp_pa
     fused = {k: v for k, v in init.state_dict().items() if k.split(".")[0] in FUSION_MODULES}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in fused.items())
     assert meta["training"]["segmentation_teacher"]["teacher"] == "crafted" and "mean_f" in best
+    assert meta["training"]["head_fit"] == {**cfg["head_fit"], "epoch": 30}  # the recipe travels with the head
 
 
 def test_teacher_crops_align_soft_targets_with_the_image():

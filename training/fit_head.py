@@ -169,6 +169,7 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
                 log.flush()
                 bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 meta = checkpoint_metadata(cfg, model, metrics)
+                meta["training"]["head_fit"] = {**hf, "epoch": epoch}  # the recipe: epochs, window size, ...
                 save_checkpoint(out / "last.safetensors", model, meta)
                 if metrics["score"] > best["score"]:
                     best = metrics
