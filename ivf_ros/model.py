@@ -204,9 +204,9 @@ class FusionStudent(nn.Module):
             if seg_context16:  # 1/16 branch of the first block's output, added before the last block
                 self.seg16 = nn.Sequential(_block(seg_context, seg_context16, stride=2),
                                            _block(seg_context16 * (2 if seg_context16_pool else 1), seg_context))
-                if seg_context16_pool:  # local_average's kernel
+                if seg_context16_pool:  # local_average's kernel, a buffer of the branch (moves and casts with it)
                     k = seg_context16_pool
-                    self.register_buffer("seg16_ones", torch.ones(seg_context16, 1, k, k), persistent=False)
+                    self.seg16.register_buffer("ones", torch.ones(seg_context16, 1, k, k), persistent=False)
             if seg_rows:  # the rows' term, added after the first block's BatchNorm (folding leaves it alone)
                 self.seg_rows_conv = nn.Conv2d(1, seg_context, 3, padding=1, bias=False)
             if seg_chroma:  # likewise the chroma's term
@@ -320,13 +320,11 @@ class FusionStudent(nn.Module):
         return self.seg_head(x)
 
     def head_to(self, dtype: torch.dtype) -> "FusionStudent":
-        """Cast the segmentation head (the ``seg*`` modules and buffers) to ``dtype``, e.g. bfloat16 for inference
-        on CPUs with native bfloat16; the fusion path keeps its own dtype, so fused images do not change."""
+        """Cast the segmentation head (the ``seg*`` modules) to ``dtype``, e.g. bfloat16 for inference on CPUs with
+        native bfloat16; the fusion path keeps its own dtype, so fused images do not change."""
         for name, module in self.named_children():
             if name.startswith("seg"):
                 module.to(dtype)
-        if self.seg_context16_pool:
-            self.seg16_ones = self.seg16_ones.to(dtype)
         return self
 
     @property
@@ -342,7 +340,7 @@ class FusionStudent(nn.Module):
             return self.seg8[1:](x8)
         x16 = self.seg16[0](x8)
         if self.seg_context16_pool:
-            x16 = torch.cat([x16, local_average(x16, self.seg16_ones)], dim=1)
+            x16 = torch.cat([x16, local_average(x16, self.seg16.ones)], dim=1)
         x16 = self.seg16[1](x16)
         x8 = self.seg8[1:-1](x8)
         return self.seg8[-1](x8 + upsample(x16, x8.shape[-2:]))
