@@ -18,7 +18,7 @@ from training.label_cache import build_cache, read_cache, soft_targets
 from training.label_rule import box_consistent_target, rule_labels
 from training.losses import soft_segmentation_loss
 from training.mfnet import MFNET_CLASSES, MFNet, load_mfnet, teacher_dir, teacher_logits
-from training.train import FUSION_MODULES, freeze, load_config, train
+from training.train import FUSION_MODULES, freeze, load_config, load_split, train
 
 CLASSES = ["background", "person", "bicycle", "car"]
 TEACHER = teacher_dir()
@@ -347,6 +347,49 @@ def test_calibration_offsets_raise_the_judge_on_the_given_pairs():
     bias, before, after = calibrate(model, samples, CLASSES, rounds=1)
     assert before == 0.0 and after > 1.0  # person labelled everywhere: precision 40/64, recall 1
     assert bias[1] > 0.6 and bias[0] == 0.0
+
+
+def _fold_head(path, bias, hold_out):
+    model = FusionStudent(width=8, seg_width=8).eval()
+    with torch.no_grad():
+        model.seg_head.weight.zero_()
+        model.seg_head.bias.copy_(torch.tensor(bias))
+    meta = {"classes": CLASSES, "palette": [[0, 0, 0]] * 4,
+            "training": {"data": [{"root": "x", "split": "train", "hold_out": hold_out}]}}
+    return save_checkpoint(path, model, meta)
+
+
+def test_fold_calibration_scores_each_pair_with_the_head_that_did_not_see_it(tmp_path):
+    from training.calibrate import held_out_logits, main as calibrate_main
+
+    write_teacher_dataset(tmp_path / "data")
+    entry = {"root": str(tmp_path / "data"), "layout": "pairs", "split": "train"}
+    samples = load_split(entry, CLASSES)
+    kept = load_split({**entry, "hold_out": [1, 2]}, CLASSES)  # fold 1 of 2: positions 1, 3, ... left out
+    assert [s.stem for s in kept] == [s.stem for s in samples[0::2]]
+    for bad in ([2, 2], [0, 1], [0.5, 2], "0/2"):
+        with pytest.raises(ValueError, match="hold_out"):
+            load_split({**entry, "hold_out": bad}, CLASSES)
+    folds = [_fold_head(tmp_path / f"fold{k}.safetensors", [float(k), 0.0, -5.0, -5.0], [k, 2]) for k in (0, 1)]
+    hyper = load_checkpoint(folds[0])[0].hyper_parameters()
+    logits = held_out_logits([str(f) for f in folds], samples, hyper)
+    assert [float(l[0].mean()) for l in logits] == pytest.approx([i % 2 for i in range(len(samples))], abs=1e-5)
+    with pytest.raises(ValueError, match="not a fold head 0 of 2"):
+        held_out_logits([str(folds[1]), str(folds[0])], samples, hyper)
+    # the head labels background everywhere (its own logits would call for +1 on person), the fold heads person
+    # everywhere (no offset beats that): the offsets follow the fold heads
+    head = _fold_head(tmp_path / "head.safetensors", [0.0, -0.5, -5.0, -5.0], None)
+    for k in (0, 1):
+        _fold_head(folds[k], [0.0, 0.5, -5.0, -5.0], [k, 2])
+    args = [str(head), "--data", str(tmp_path / "data"), "--folds", *map(str, folds)]
+    assert calibrate_main(args + ["--out", str(tmp_path / "cal.safetensors")]) == 0
+    model, meta = load_checkpoint(tmp_path / "cal.safetensors")
+    offsets = meta["training"]["head_bias_offsets"]
+    assert "fold heads" in offsets["method"] and offsets["offsets"][1] == 0.0
+    again_args = [str(tmp_path / "cal.safetensors"), *args[1:], "--out", str(tmp_path / "again.safetensors")]
+    assert calibrate_main(again_args) == 0
+    again, meta2 = load_checkpoint(tmp_path / "again.safetensors")  # calibrating again replaces, not adds
+    assert torch.equal(again.seg_head.bias, model.seg_head.bias) and meta2["training"]["head_bias_offsets"]["replaced"]
 
 
 @pytest.mark.parametrize("pool", [{}, {"seg_context16_pool": 5}])

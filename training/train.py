@@ -64,9 +64,11 @@ def resolve_root(root: str) -> Path:
 
 
 def load_split(entry: dict, classes: list[str], rule: dict | None = None):
-    """Samples of one data entry: {root, layout, split: all|train|val, limit, teacher_cache, share}; with
+    """Samples of one data entry: {root, layout, split: all|train|val, limit, hold_out, teacher_cache, share}; with
     ``teacher_cache`` (a ``training.label_cache`` folder) the teacher's targets corrected by ``rule``. ``share``
-    (training only, default 1) scales the number of crops drawn from the entry against the others'."""
+    (training only, default 1) scales the number of crops drawn from the entry against the others'.
+    ``hold_out: [k, K]`` leaves out fold k of K (the pairs at positions k, k + K, ... of the split): a head fitted
+    without them gives them held-out logits (``training.calibrate --folds``)."""
     root = resolve_root(entry["root"])
     samples = load_pairs(root, entry.get("layout", "pairs"), classes)
     split = entry.get("split", "all")
@@ -76,9 +78,20 @@ def load_split(entry: dict, classes: list[str], rule: dict | None = None):
         samples = [s for s in samples if s.stem in keep]
     if entry.get("limit"):
         samples = samples[: int(entry["limit"])]
+    if entry.get("hold_out") is not None:
+        k, folds = check_fold(entry["hold_out"])
+        samples = [s for i, s in enumerate(samples) if i % folds != k]
     if entry.get("teacher_cache"):
         attach_teacher(samples, resolve_repo_path(entry["teacher_cache"]), {**DEFAULT_RULE, **(rule or {})})
     return samples
+
+
+def check_fold(fold) -> tuple[int, int]:
+    """(k, K) of a fold ``[k, K]``: integers, 0 <= k < K, K >= 2."""
+    if not (isinstance(fold, (list, tuple)) and len(fold) == 2 and all(isinstance(v, int) for v in fold)
+            and fold[1] >= 2 and 0 <= fold[0] < fold[1]):
+        raise ValueError(f"hold_out: expected [k, K] with 0 <= k < K and K >= 2, not {fold}")
+    return int(fold[0]), int(fold[1])
 
 
 # The modules the fusion output depends on; ``freeze_fusion`` keeps them (and their BatchNorm statistics) fixed.
