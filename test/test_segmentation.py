@@ -349,13 +349,17 @@ def test_calibration_offsets_raise_the_judge_on_the_given_pairs():
     assert bias[1] > 0.6 and bias[0] == 0.0
 
 
-def _fold_head(path, bias, hold_out):
+def _fold_head(path, bias, hold_out, offsets=None):
+    """A head whose logits are its bias everywhere, saved as fitted with ``hold_out`` (and calibrated by
+    ``offsets``, included in ``bias``)."""
     model = FusionStudent(width=8, seg_width=8).eval()
     with torch.no_grad():
         model.seg_head.weight.zero_()
         model.seg_head.bias.copy_(torch.tensor(bias))
     meta = {"classes": CLASSES, "palette": [[0, 0, 0]] * 4,
             "training": {"data": [{"root": "x", "split": "train", "hold_out": hold_out}]}}
+    if offsets:
+        meta["training"]["head_bias_offsets"] = {"offsets": offsets}
     return save_checkpoint(path, model, meta)
 
 
@@ -373,6 +377,9 @@ def test_fold_calibration_scores_each_pair_with_the_head_that_did_not_see_it(tmp
     folds = [_fold_head(tmp_path / f"fold{k}.safetensors", [float(k), 0.0, -5.0, -5.0], [k, 2]) for k in (0, 1)]
     hyper = load_checkpoint(folds[0])[0].hyper_parameters()
     logits = held_out_logits([str(f) for f in folds], samples, hyper)
+    assert [float(l[0].mean()) for l in logits] == pytest.approx([i % 2 for i in range(len(samples))], abs=1e-5)
+    calibrated = _fold_head(tmp_path / "cal0.safetensors", [1.0, 0.0, -5.0, -5.0], [0, 2], offsets=[1.0, 0, 0, 0])
+    logits = held_out_logits([str(calibrated), str(folds[1])], samples, hyper)  # fold 0's offsets taken off
     assert [float(l[0].mean()) for l in logits] == pytest.approx([i % 2 for i in range(len(samples))], abs=1e-5)
     with pytest.raises(ValueError, match="not a fold head 0 of 2"):
         held_out_logits([str(folds[1]), str(folds[0])], samples, hyper)

@@ -52,12 +52,23 @@ def head_logits(model, samples) -> list[np.ndarray]:
     return out
 
 
+def without_offsets(model, meta: dict) -> list[float] | None:
+    """Take the calibration offsets a checkpoint carries off its head's bias (in place); returns them (or None)."""
+    offsets = meta["training"].get("head_bias_offsets", {}).get("offsets")
+    if offsets:
+        with torch.no_grad():
+            model.seg_head.bias -= torch.tensor(offsets, dtype=model.seg_head.bias.dtype)
+    return offsets
+
+
 def held_out_logits(paths: list[str], samples, hyper: dict) -> list[np.ndarray]:
     """Logits of each of ``samples`` (the training split, in order) from the fold head that did not see it:
-    ``paths[k]`` must be fitted with ``hold_out: [k, len(paths)]`` and have the architecture ``hyper``."""
+    ``paths[k]`` must be fitted with ``hold_out: [k, len(paths)]`` and have the architecture ``hyper`` (offsets it
+    carries are taken off)."""
     out = [None] * len(samples)
     for k, path in enumerate(paths):
         model, meta = load_checkpoint(path)
+        without_offsets(model, meta)
         folds = [e.get("hold_out") for e in meta["training"].get("data", [])]
         if folds != [[k, len(paths)]] or model.hyper_parameters() != hyper:
             raise ValueError(f"{path}: not a fold head {k} of {len(paths)} of this architecture "
@@ -110,9 +121,7 @@ def main(argv=None) -> int:
     if args.folds is not None and len(args.folds) < 2:
         raise SystemExit("--folds: give K >= 2 fold heads")
     model, meta = load_checkpoint(args.checkpoint)
-    previous = meta["training"].get("head_bias_offsets", {}).get("offsets")
-    with torch.no_grad():  # back to the fitted head: new offsets replace old ones
-        model.seg_head.bias -= torch.tensor(previous or [0.0] * len(meta["classes"]), dtype=torch.float32)
+    previous = without_offsets(model, meta)  # new offsets replace old ones
     samples = load_split({"root": args.data, "layout": "pairs", "split": "train"}, meta["classes"])
     if args.folds:
         logits = held_out_logits(args.folds, samples, model.hyper_parameters())
