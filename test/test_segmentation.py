@@ -349,15 +349,16 @@ def test_calibration_offsets_raise_the_judge_on_the_given_pairs():
     assert bias[1] > 0.6 and bias[0] == 0.0
 
 
-def _fold_head(path, bias, hold_out, offsets=None):
-    """A head whose logits are its bias everywhere, saved as fitted with ``hold_out`` (and calibrated by
-    ``offsets``, included in ``bias``)."""
+def _fold_head(path, bias, hold_out, offsets=None, root=None):
+    """A head whose logits are its bias everywhere, saved as fitted on ``root`` (default: the folder beside
+    ``path`` named data) with ``hold_out`` (and calibrated by ``offsets``, included in ``bias``)."""
     model = FusionStudent(width=8, seg_width=8).eval()
     with torch.no_grad():
         model.seg_head.weight.zero_()
         model.seg_head.bias.copy_(torch.tensor(bias))
     meta = {"classes": CLASSES, "palette": [[0, 0, 0]] * 4,
-            "training": {"data": [{"root": "x", "split": "train", "hold_out": hold_out}]}}
+            "training": {"data": [{"root": str(root or path.parent / "data"), "split": "train",
+                                   "hold_out": hold_out}]}}
     if offsets:
         meta["training"]["head_bias_offsets"] = {"offsets": offsets}
     return save_checkpoint(path, model, meta)
@@ -371,18 +372,22 @@ def test_fold_calibration_scores_each_pair_with_the_head_that_did_not_see_it(tmp
     samples = load_split(entry, CLASSES)
     kept = load_split({**entry, "hold_out": [1, 2]}, CLASSES)  # fold 1 of 2: positions 1, 3, ... left out
     assert [s.stem for s in kept] == [s.stem for s in samples[0::2]]
-    for bad in ([2, 2], [0, 1], [0.5, 2], "0/2"):
+    for bad in ([2, 2], [0, 1], [0.5, 2], [True, 2], "0/2"):
         with pytest.raises(ValueError, match="hold_out"):
             load_split({**entry, "hold_out": bad}, CLASSES)
     folds = [_fold_head(tmp_path / f"fold{k}.safetensors", [float(k), 0.0, -5.0, -5.0], [k, 2]) for k in (0, 1)]
     hyper = load_checkpoint(folds[0])[0].hyper_parameters()
-    logits = held_out_logits([str(f) for f in folds], samples, hyper)
+    root = str(tmp_path / "data")
+    logits = held_out_logits([str(f) for f in folds], samples, hyper, root)
     assert [float(l[0].mean()) for l in logits] == pytest.approx([i % 2 for i in range(len(samples))], abs=1e-5)
     calibrated = _fold_head(tmp_path / "cal0.safetensors", [1.0, 0.0, -5.0, -5.0], [0, 2], offsets=[1.0, 0, 0, 0])
-    logits = held_out_logits([str(calibrated), str(folds[1])], samples, hyper)  # fold 0's offsets taken off
+    logits = held_out_logits([str(calibrated), str(folds[1])], samples, hyper, root)  # fold 0's offsets taken off
     assert [float(l[0].mean()) for l in logits] == pytest.approx([i % 2 for i in range(len(samples))], abs=1e-5)
     with pytest.raises(ValueError, match="not a fold head 0 of 2"):
-        held_out_logits([str(folds[1]), str(folds[0])], samples, hyper)
+        held_out_logits([str(folds[1]), str(folds[0])], samples, hyper, root)
+    elsewhere = _fold_head(tmp_path / "other.safetensors", [0.0, 0.0, -5.0, -5.0], [0, 2], root=tmp_path / "x")
+    with pytest.raises(ValueError, match="not a fold head 0 of 2"):  # fitted on other pairs: not held out here
+        held_out_logits([str(elsewhere), str(folds[1])], samples, hyper, root)
     # the head labels background everywhere (its own logits would call for +1 on person), the fold heads person
     # everywhere (no offset beats that): the offsets follow the fold heads
     head = _fold_head(tmp_path / "head.safetensors", [0.0, -0.5, -5.0, -5.0], None)

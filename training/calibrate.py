@@ -26,7 +26,7 @@ from ivf_ros.checkpoint import load_checkpoint, save_checkpoint
 from ivf_ros.metrics import BoxScorer
 
 from .datasets import to_tensors
-from .train import load_split
+from .train import load_split, resolve_root
 
 OFFSETS = tuple(np.arange(-3.0, 3.01, 0.5))
 PENALTY = 4.0  # per unit of precision below the floor: outweighs any F it buys
@@ -61,17 +61,19 @@ def without_offsets(model, meta: dict) -> list[float] | None:
     return offsets
 
 
-def held_out_logits(paths: list[str], samples, hyper: dict) -> list[np.ndarray]:
-    """Logits of each of ``samples`` (the training split, in order) from the fold head that did not see it:
-    ``paths[k]`` must be fitted with ``hold_out: [k, len(paths)]`` and have the architecture ``hyper`` (offsets it
-    carries are taken off)."""
+def held_out_logits(paths: list[str], samples, hyper: dict, root: str) -> list[np.ndarray]:
+    """Logits of each of ``samples`` (the training split of ``root``, in order) from the fold head that did not
+    see it: ``paths[k]`` must be fitted on ``root`` alone with ``hold_out: [k, len(paths)]`` and have the
+    architecture ``hyper`` (offsets it carries are taken off)."""
     out = [None] * len(samples)
     for k, path in enumerate(paths):
         model, meta = load_checkpoint(path)
         without_offsets(model, meta)
-        folds = [e.get("hold_out") for e in meta["training"].get("data", [])]
-        if folds != [[k, len(paths)]] or model.hyper_parameters() != hyper:
-            raise ValueError(f"{path}: not a fold head {k} of {len(paths)} of this architecture "
+        data = meta["training"].get("data", [])
+        folds = [e.get("hold_out") for e in data]
+        if (folds != [[k, len(paths)]] or resolve_root(data[0].get("root", "")) != resolve_root(root)
+                or model.hyper_parameters() != hyper):
+            raise ValueError(f"{path}: not a fold head {k} of {len(paths)} of this architecture on {root} "
                              f"(its data entries hold out {folds})")
         mine = list(range(k, len(samples), len(paths)))
         for i, logits in zip(mine, head_logits(model.eval(), [samples[i] for i in mine])):
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
     previous = without_offsets(model, meta)  # new offsets replace old ones
     samples = load_split({"root": args.data, "layout": "pairs", "split": "train"}, meta["classes"])
     if args.folds:
-        logits = held_out_logits(args.folds, samples, model.hyper_parameters())
+        logits = held_out_logits(args.folds, samples, model.hyper_parameters(), args.data)
         method = (f"training/calibrate.py on the held-out logits of {len(args.folds)} fold heads "
                   f"({', '.join(args.folds)}) over all pairs of the MSRS training part")
     else:

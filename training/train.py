@@ -88,7 +88,7 @@ def load_split(entry: dict, classes: list[str], rule: dict | None = None):
 
 def check_fold(fold) -> tuple[int, int]:
     """(k, K) of a fold ``[k, K]``: integers, 0 <= k < K, K >= 2."""
-    if not (isinstance(fold, (list, tuple)) and len(fold) == 2 and all(isinstance(v, int) for v in fold)
+    if not (isinstance(fold, (list, tuple)) and len(fold) == 2 and all(type(v) is int for v in fold)
             and fold[1] >= 2 and 0 <= fold[0] < fold[1]):
         raise ValueError(f"hold_out: expected [k, K] with 0 <= k < K and K >= 2, not {fold}")
     return int(fold[0]), int(fold[1])
