@@ -16,7 +16,7 @@ from training.datasets import IGNORE, Sample, TeacherCropDataset
 from training.finetune import main as finetune_main
 from training.label_cache import build_cache, read_cache, soft_targets
 from training.label_rule import box_consistent_target, rule_labels
-from training.losses import soft_segmentation_loss
+from training.losses import segmentation_loss, soft_segmentation_loss
 from training.mfnet import MFNET_CLASSES, MFNet, load_mfnet, teacher_dir, teacher_logits
 from training.train import FUSION_MODULES, freeze, load_config, load_split, train
 
@@ -131,6 +131,24 @@ def test_soft_loss_is_lowest_at_the_target_and_ignores_zero_weight():
     weight = torch.ones(1, 8, 8)
     assert soft_segmentation_loss(good, soft, weight) < 1e-3 < soft_segmentation_loss(bad, soft, weight)
     assert soft_segmentation_loss(bad, soft, torch.zeros(1, 8, 8)).item() == 0.0
+
+
+def test_hard_example_mining_keeps_only_the_worst_labelled_pixels():
+    target = torch.zeros(1, 2, 4, dtype=torch.long)
+    target[0, 1] = 1
+    target[0, 0, 3] = IGNORE
+    logits = torch.zeros(1, 2, 2, 4)
+    logits[0, 0] = torch.tensor([[4.0, 2.0, 0.0, -9.0], [3.0, 1.0, -1.0, -2.0]])  # class 0 wins on the left
+    per_pixel = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")[target != IGNORE]
+    worst = per_pixel.sort(descending=True).values
+    assert torch.isclose(segmentation_loss(logits, target, hardest=1.0), per_pixel.mean())
+    assert torch.isclose(segmentation_loss(logits, target, hardest=0.43), worst[:3].mean())  # 3 of the 7 labelled
+    weights = torch.tensor([1.0, 2.0])  # a class weight scales its pixels' loss, not their rank
+    w = weights[target[target != IGNORE]]
+    top = per_pixel.topk(3).indices
+    assert torch.isclose(segmentation_loss(logits, target, weights, hardest=0.43),
+                         (per_pixel * w)[top].sum() / w[top].sum())
+    assert segmentation_loss(logits, torch.full_like(target, IGNORE), hardest=0.5).item() == 0.0
 
 
 @pytest.mark.parametrize("hp", [{}, {"seg_width": 16}, {"seg_width": 16, "seg_depth": 2},

@@ -7,7 +7,7 @@ and per mirror image (``FusionStudent.encode``) and the head (``HEAD_MODULES``) 
 epochs on whole images or, with ``head_fit.crop``, on windows of the whole image's features (half of them centred
 on an object), ~10x the steps of ``training/train.py``'s crop loop in the same time. Losses: the corrected teacher
 soft targets (``loss.soft``, where a data entry has a ``teacher_cache``) plus the hard targets
-(``loss.segmentation``, ``loss.class_weights``). The fusion output is that of ``init`` (its tensors are copied
+(``loss.segmentation``, ``loss.class_weights``; ``loss.hardest`` < 1 keeps only that share of the hardest pixels). The fusion output is that of ``init`` (its tensors are copied
 unchanged). Validates every ``head_fit.val_every`` epochs on ``val`` (model selection only) and writes
 ``OUT/best.safetensors``, ``OUT/last.safetensors`` and ``OUT/log.jsonl``.
 """
@@ -149,7 +149,7 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
                 enc, soft, weight, hard = batch_of(samples, feats, picks, crop, rng, align)
                 small = model.head_logits(enc)
                 logits = F.interpolate(small, size=hard.shape[-2:], mode="bilinear", align_corners=False)
-                seg = segmentation_loss(logits, hard, class_weights)
+                seg = segmentation_loss(logits, hard, class_weights, float(wl.get("hardest", 1.0)))
                 soft_loss = soft_segmentation_loss(small, soft, weight)
                 loss = wl.get("segmentation", 1.0) * seg + wl.get("soft", 1.0) * soft_loss
                 opt.zero_grad(set_to_none=True)

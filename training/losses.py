@@ -93,11 +93,22 @@ def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor, weight
     return terms
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None):
-    """Cross-entropy over labelled pixels (``IGNORE`` skipped); zero when a batch has no labelled pixel."""
-    if not (target != IGNORE).any():
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None,
+                      hardest: float = 1.0):
+    """Cross-entropy over labelled pixels (``IGNORE`` skipped); zero when a batch has no labelled pixel. With
+    ``hardest`` < 1 only that share of the labelled pixels with the highest loss counts (online hard-example
+    mining)."""
+    if not 0.0 < hardest <= 1.0:
+        raise ValueError(f"loss.hardest {hardest}: must lie in (0, 1]")
+    labelled = target != IGNORE
+    if not labelled.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, target, weight=class_weights, ignore_index=IGNORE)
+    if hardest >= 1.0:
+        return F.cross_entropy(logits, target, weight=class_weights, ignore_index=IGNORE)
+    loss = F.cross_entropy(logits, target, weight=class_weights, ignore_index=IGNORE, reduction="none")[labelled]
+    w = class_weights[target[labelled]] if class_weights is not None else torch.ones_like(loss)
+    keep = torch.topk(loss / w, max(1, int(hardest * loss.numel()))).indices
+    return loss[keep].sum() / w[keep].sum()
 
 
 def soft_segmentation_loss(small_logits: torch.Tensor, soft: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

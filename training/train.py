@@ -308,7 +308,7 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
                     kept = reference.fuse_with(reference.features(ir, vis_y), ir, vis_y)
                 terms["preserve"] = F.l1_loss(fused, kept)
                 terms["total"] = terms["total"] + wl["preserve"] * terms["preserve"]
-            seg = segmentation_loss(logits, target, class_weights)
+            seg = segmentation_loss(logits, target, class_weights, float(wl.get("hardest", 1.0)))
             if teacher_targets:
                 terms["soft"] = soft_segmentation_loss(small, *teacher_targets)
                 terms["total"] = terms["total"] + wl.get("soft", 0.0) * terms["soft"]
