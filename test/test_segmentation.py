@@ -16,7 +16,7 @@ from training.datasets import IGNORE, Sample, TeacherCropDataset
 from training.finetune import main as finetune_main
 from training.label_cache import build_cache, read_cache, soft_targets
 from training.label_rule import box_consistent_target, rule_labels
-from training.losses import segmentation_loss, soft_segmentation_loss
+from training.losses import hard_target_options, segmentation_loss, soft_segmentation_loss
 from training.mfnet import MFNET_CLASSES, MFNet, load_mfnet, teacher_dir, teacher_logits
 from training.train import FUSION_MODULES, freeze, load_config, load_split, train
 
@@ -149,6 +149,10 @@ def test_hard_example_mining_keeps_only_the_worst_labelled_pixels():
     assert torch.isclose(segmentation_loss(logits, target, weights, hardest=0.43),
                          (per_pixel * w)[top].sum() / w[top].sum())
     assert segmentation_loss(logits, torch.full_like(target, IGNORE), hardest=0.5).item() == 0.0
+    assert hard_target_options({"class_weights": [1, 2], "hardest": 0.3})[1] == 0.3
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="loss.hardest"):
+            hard_target_options({"hardest": bad})
 
 
 @pytest.mark.parametrize("hp", [{}, {"seg_width": 16}, {"seg_width": 16, "seg_depth": 2},

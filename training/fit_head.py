@@ -7,9 +7,10 @@ and per mirror image (``FusionStudent.encode``) and the head (``HEAD_MODULES``) 
 epochs on whole images or, with ``head_fit.crop``, on windows of the whole image's features (half of them centred
 on an object), ~10x the steps of ``training/train.py``'s crop loop in the same time. Losses: the corrected teacher
 soft targets (``loss.soft``, where a data entry has a ``teacher_cache``) plus the hard targets
-(``loss.segmentation``, ``loss.class_weights``; ``loss.hardest`` < 1 keeps only that share of the hardest pixels). The fusion output is that of ``init`` (its tensors are copied
-unchanged). Validates every ``head_fit.val_every`` epochs on ``val`` (model selection only) and writes
-``OUT/best.safetensors``, ``OUT/last.safetensors`` and ``OUT/log.jsonl``.
+(``loss.segmentation``, ``loss.class_weights``; ``loss.hardest`` < 1 keeps only that share of the hardest
+pixels). The fusion output is that of ``init`` (its tensors are copied unchanged). Validates every
+``head_fit.val_every`` epochs on ``val`` (model selection only) and writes ``OUT/best.safetensors``,
+``OUT/last.safetensors`` and ``OUT/log.jsonl``.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ivf_ros.checkpoint import save_checkpoint
 from ivf_ros.model import ARCHITECTURE, build_model, row_coordinates
 
 from .datasets import Sample, centred_corner, to_tensors
-from .losses import segmentation_loss, soft_segmentation_loss
+from .losses import hard_target_options, segmentation_loss, soft_segmentation_loss
 from .train import (FUSION_MODULES, checkpoint_metadata, config_command, freeze, init_from, load_config, load_split,
                     resolve_repo_path, seed_everything, selection_score)
 from .validate import VALIDATION_METRICS, validate
@@ -93,6 +94,7 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
     """Train the head on cached features; returns the best validation metrics."""
     seed_everything(int(cfg.get("seed", 0)))
     hf, wl, classes = cfg.get("head_fit", {}), cfg["loss"], cfg["classes"]
+    class_weights, hardest = hard_target_options(wl)
     torch.set_num_threads(int(cfg["train"].get("threads", torch.get_num_threads())))
     if not cfg.get("freeze_fusion") or not cfg.get("init"):
         raise ValueError("fit_head needs freeze_fusion and an init checkpoint (the fusion weights)")
@@ -130,7 +132,6 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
     opt = torch.optim.AdamW(params, lr=float(hf.get("lr", 0.003)), weight_decay=cfg["train"].get("weight_decay", 1e-4))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(hf.get("lr", 0.003)),
                                                 total_steps=epochs * per_epoch, pct_start=0.1)
-    class_weights = torch.tensor(wl["class_weights"], dtype=torch.float32) if wl.get("class_weights") else None
     rng = np.random.default_rng(int(cfg.get("seed", 0)))
     best = {"score": -1e9}
     cfg = {**cfg, "segmentation_targets": cfg.get("segmentation_targets", "teacher soft targets corrected by the "
@@ -149,7 +150,7 @@ def fit_head(cfg: dict, out: Path, progress: bool = True) -> dict:
                 enc, soft, weight, hard = batch_of(samples, feats, picks, crop, rng, align)
                 small = model.head_logits(enc)
                 logits = F.interpolate(small, size=hard.shape[-2:], mode="bilinear", align_corners=False)
-                seg = segmentation_loss(logits, hard, class_weights, float(wl.get("hardest", 1.0)))
+                seg = segmentation_loss(logits, hard, class_weights, hardest)
                 soft_loss = soft_segmentation_loss(small, soft, weight)
                 loss = wl.get("segmentation", 1.0) * seg + wl.get("soft", 1.0) * soft_loss
                 opt.zero_grad(set_to_none=True)

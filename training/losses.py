@@ -93,22 +93,31 @@ def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vis: torch.Tensor, weight
     return terms
 
 
+def hard_target_options(weights: dict) -> tuple[torch.Tensor | None, float]:
+    """``loss.class_weights`` (a tensor, or None) and ``loss.hardest`` (checked) for ``segmentation_loss``."""
+    hardest = float(weights.get("hardest", 1.0))
+    if not 0.0 < hardest <= 1.0:
+        raise ValueError(f"loss.hardest {hardest}: must lie in (0, 1]")
+    cw = weights.get("class_weights")
+    return (torch.tensor(cw, dtype=torch.float32) if cw else None), hardest
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None,
                       hardest: float = 1.0):
     """Cross-entropy over labelled pixels (``IGNORE`` skipped); zero when a batch has no labelled pixel. With
-    ``hardest`` < 1 only that share of the labelled pixels with the highest loss counts (online hard-example
-    mining)."""
-    if not 0.0 < hardest <= 1.0:
-        raise ValueError(f"loss.hardest {hardest}: must lie in (0, 1]")
+    ``hardest`` in (0, 1) only that share of the labelled pixels with the highest loss counts (online hard-example
+    mining; the class weights weigh the kept pixels, they do not rank them)."""
     labelled = target != IGNORE
     if not labelled.any():
         return logits.sum() * 0.0
     if hardest >= 1.0:
         return F.cross_entropy(logits, target, weight=class_weights, ignore_index=IGNORE)
-    loss = F.cross_entropy(logits, target, weight=class_weights, ignore_index=IGNORE, reduction="none")[labelled]
-    w = class_weights[target[labelled]] if class_weights is not None else torch.ones_like(loss)
-    keep = torch.topk(loss / w, max(1, int(hardest * loss.numel()))).indices
-    return loss[keep].sum() / w[keep].sum()
+    loss = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")[labelled]
+    keep = torch.topk(loss, max(1, int(hardest * loss.numel()))).indices
+    if class_weights is None:
+        return loss[keep].mean()
+    w = class_weights[target[labelled][keep]]
+    return (loss[keep] * w).sum() / w.sum()
 
 
 def soft_segmentation_loss(small_logits: torch.Tensor, soft: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

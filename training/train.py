@@ -39,7 +39,7 @@ from ivf_ros.model import ARCHITECTURE, build_model, count_parameters
 from .datasets import CropDataset, TeacherCropDataset, attach_teacher, load_pairs
 from .label_cache import cache_info
 from .label_rule import DEFAULT_RULE
-from .losses import fusion_loss, segmentation_loss, soft_segmentation_loss
+from .losses import fusion_loss, hard_target_options, segmentation_loss, soft_segmentation_loss
 from .validate import VALIDATION_METRICS, validate
 
 INPUT_CONVENTIONS = {
@@ -231,6 +231,7 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
     torch.set_num_threads(int(cfg["train"].get("threads", torch.get_num_threads())))
     out.mkdir(parents=True, exist_ok=True)
     classes, tc, wl = cfg["classes"], cfg["train"], cfg["loss"]
+    class_weights, hardest = hard_target_options(wl)
     rows = bool(cfg["model"].get("seg_rows"))  # crops then carry their rows in the whole frame
     sets = crop_datasets(cfg)
     val_samples = load_split(cfg["val"], classes)
@@ -249,7 +250,6 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc["lr"],
                             weight_decay=tc.get("weight_decay", 1e-4))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc["lr"], total_steps=tc["steps"], pct_start=0.1)
-    class_weights = torch.tensor(wl["class_weights"], dtype=torch.float32) if wl.get("class_weights") else None
     step, best = 0, {"score": -1e9}
     state_path = out / "last.pt"
     if resume and state_path.exists():
@@ -308,7 +308,7 @@ def train(cfg: dict, out: Path, resume: bool = False, progress: bool = True) -> 
                     kept = reference.fuse_with(reference.features(ir, vis_y), ir, vis_y)
                 terms["preserve"] = F.l1_loss(fused, kept)
                 terms["total"] = terms["total"] + wl["preserve"] * terms["preserve"]
-            seg = segmentation_loss(logits, target, class_weights, float(wl.get("hardest", 1.0)))
+            seg = segmentation_loss(logits, target, class_weights, hardest)
             if teacher_targets:
                 terms["soft"] = soft_segmentation_loss(small, *teacher_targets)
                 terms["total"] = terms["total"] + wl.get("soft", 0.0) * terms["soft"]
