@@ -7,7 +7,7 @@
 every 4th name (sorted) validates, the rest trains. The recipe is ``training/configs/segmentation.yaml`` without the
 teacher, run by ``training/fit_head.py``: the checkpoint's fusion modules are frozen and its head (same
 hyper-parameters) goes on learning from your labels (classes mapped by name onto background, person, bicycle,
-car) on windows of ``head_fit.crop`` px (default 192; every pair must be at least that large). Writes
+car) on windows of ``head_fit.crop`` px (the recipe's 256; every pair must be at least that large). Writes
 ``OUT/best.safetensors``, usable as ``--checkpoint`` everywhere.
 """
 from __future__ import annotations
