@@ -11,7 +11,7 @@ from .backends import keep_freed_memory
 TOOLS = {
     "fuse": ("fuse", "fuse (and segment) folders of IR/visible pairs"),
     "eval": ("evaluate", "fusion metrics and segmentation scores on folders of pairs"),
-    "demo": ("demo", "run the whole system on generated (or your) data and write a report"),
+    "demo": ("demo", "run the whole system on the embedded MSRS pairs (or yours, or a synthetic street)"),
     "info": ("info", "print a checkpoint's metadata"),
     "calibrate": ("calibrate", "estimate the IR->visible homography YAML (point pairs or automatic)"),
     "calibrate-eval": ("registration_eval", "evaluate automatic registration on the shared data"),

@@ -1,4 +1,4 @@
-"""Run the whole system on generated (or your) data: write a camera bag, evaluate it, write a report.
+"""Run the whole system on real pairs (or a synthetic street): write a camera bag, evaluate it, write a report.
 
 By default the embedded sample ``data/demo`` is used: twelve real MSRS validation pairs, day and night, with their
 boxes (see data/demo/ATTRIBUTION.md). --data takes any folder holding ir/ and vi/ (and optionally boxes/), e.g.
@@ -23,7 +23,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--data", help="folder with ir/ and vi/ image folders (and boxes/); default: data/demo")
     p.add_argument("--synthetic", action="store_true", help="render the synthetic night street instead")
-    p.add_argument("--frames", type=int, help="visible frames (synthetic, default 50) or pairs (default 16)")
+    p.add_argument("--frames", type=int, help="pairs to take, spread over the folder (default 16), or visible frames "
+                   "of the synthetic street (default 50)")
     p.add_argument("--checkpoint", help="checkpoint (default: the shipped one)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--storage", choices=bag.STORAGES, default="mcap", help="bag storage (default mcap)")
